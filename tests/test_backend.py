@@ -1,0 +1,108 @@
+"""Backend dispatch: selection, context manager, env var, and refusal messages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import transkd_fast
+from transkd_fast.backend import BackendError, resolve, use_backend
+from transkd_fast.ops.attention import efficient_attention
+
+
+def _qkv(dtype=torch.float32):
+    q = torch.randn(1, 5, 2, 16, dtype=dtype)
+    k = torch.randn(1, 3, 2, 16, dtype=dtype)
+    return q, k, torch.randn_like(k)
+
+
+def test_set_and_get():
+    transkd_fast.set_backend("reference")
+    assert transkd_fast.get_backend() == "reference"
+    transkd_fast.set_backend("auto")
+    assert transkd_fast.get_backend() == "auto"
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(BackendError, match="unknown backend 'cudnn'.*auto, triton, xformers, torch, reference"):
+        transkd_fast.set_backend("cudnn")
+
+
+def test_use_backend_restores_on_exit_and_on_error():
+    transkd_fast.set_backend("torch")
+    with use_backend("reference"):
+        assert transkd_fast.get_backend() == "reference"
+    assert transkd_fast.get_backend() == "torch"
+    with pytest.raises(ZeroDivisionError):
+        with use_backend("reference"):
+            1 / 0
+    assert transkd_fast.get_backend() == "torch"
+
+
+def test_auto_on_cpu_is_torch():
+    q, k, v = _qkv()
+    assert resolve("efficient_attention", q, k, v, backend="auto") == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_refused_with_reason():
+    q, k, v = _qkv()
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with pytest.raises(BackendError) as e:
+            resolve("efficient_attention", q, k, v, backend="triton")
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+    msg = str(e.value)
+    assert "transkd_fast::efficient_attention" in msg and "'triton'" in msg
+    assert "TRITON_INTERPRET=1" in msg and "CUDA" in msg
+    assert "would work here: " in msg and "torch" in msg
+
+
+def test_xformers_refused_on_cpu_with_reason():
+    q, k, v = _qkv()
+    with pytest.raises(BackendError, match=r"efficient_attention.*'xformers'.*(not installed|only CUDA)"):
+        efficient_attention(q, k, v, backend="xformers")
+
+
+def test_named_backend_never_falls_back():
+    q, k, v = _qkv()
+    with use_backend("xformers"):
+        with pytest.raises(BackendError):
+            efficient_attention(q, k, v)
+
+
+def test_env_var_sets_default():
+    code = "import transkd_fast; print(transkd_fast.get_backend())"
+    env = dict(os.environ, TRANSKD_FAST_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["TRANSKD_FAST_BACKEND"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown backend 'bogus'" in bad.stderr
+
+
+def test_every_op_declares_support_as_data():
+    import transkd_fast.ops.attention  # noqa: F401
+
+    ops = transkd_fast.backend.registered_ops()
+    assert "efficient_attention" in ops
+    for table in ops.values():
+        assert "reference" in table.backends and "torch" in table.backends
+        for support in table.backends.values():
+            assert support.devices and support.dtypes
+
+
+def _cli():
+    from pathlib import Path
+
+    return str(Path(sys.executable).parent / "transkd-fast")
+
+
+def test_version_and_help_cli():
+    out = subprocess.run([_cli(), "--version"], capture_output=True, text=True, check=True)
+    assert transkd_fast.__version__ in out.stdout
+    out = subprocess.run([_cli(), "--help"], capture_output=True, text=True, check=True)
+    assert "usage" in out.stdout.lower()

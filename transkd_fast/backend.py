@@ -1,0 +1,202 @@
+"""Backend choice for every op of transkd_fast.
+
+Backends: ``"auto"`` | ``"triton"`` | ``"xformers"`` | ``"torch"`` | ``"reference"``.
+
+- ``reference``: eager PyTorch written straight from the math (fp32 math), the ground truth.
+- ``torch``: fast PyTorch (SDPA, fused ATen ops); runs on any device.
+- ``triton``: our Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``xformers``: ``xformers.ops`` kernels; CUDA only, when xformers is installed.
+- ``auto``: per op and device, the first supported backend of ``AUTO_ORDER[device]``.
+
+The global choice comes from :func:`set_backend`, the context manager :func:`use_backend`,
+or the environment variable ``TRANSKD_FAST_BACKEND`` (read once, at import).
+
+Each op declares what each backend supports as data (:class:`Support`). A request that a
+backend cannot serve raises :class:`BackendError` naming the op, the backend, why, and
+which backends would work. A named backend is never swapped for another one silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "xformers", "torch", "reference")
+
+# What "auto" tries, in order, per device type.
+AUTO_ORDER = {
+    "cuda": ("triton", "xformers", "torch"),
+    "cpu": ("torch",),
+}
+
+_state = threading.local()
+_default = os.environ.get("TRANSKD_FAST_BACKEND", "auto")
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for something it cannot do; the message says why."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_check_name(_default)
+
+
+def get_backend() -> str:
+    """The backend in force in this thread."""
+    return getattr(_state, "name", _default)
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for this thread (and the default for new threads)."""
+    global _default
+    _state.name = _check_name(name)
+    _default = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Use ``name`` inside the block; the previous backend is restored on exit, errors too."""
+    _check_name(name)
+    previous = get_backend()
+    _state.name = name
+    try:
+        yield name
+    finally:
+        _state.name = previous
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+Check = Callable[..., Optional[str]]
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend of one op supports.
+
+    ``devices``: device types ("cpu", "cuda"). ``dtypes``: floating dtypes accepted.
+    ``check``: called with the op's tensor arguments, returns ``None`` when supported or a
+    sentence saying why not (a size limit, a layout...).
+    """
+
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    check: Optional[Check] = None
+    note: str = ""
+
+
+@dataclass
+class OpTable:
+    name: str
+    backends: dict[str, Support] = field(default_factory=dict)
+
+
+_OPS: dict[str, OpTable] = {}
+
+
+def register_op(name: str, backends: dict[str, Support]) -> OpTable:
+    """Declare what each backend of op ``name`` supports."""
+    for b in backends:
+        if b == "auto" or b not in BACKENDS:
+            raise ValueError(f"op {name}: {b!r} is not a concrete backend")
+    table = OpTable(name, dict(backends))
+    _OPS[name] = table
+    return table
+
+
+def registered_ops() -> dict[str, OpTable]:
+    return dict(_OPS)
+
+
+def _refusal(backend: str, support: Optional[Support], device: torch.device,
+             dtype: torch.dtype, tensors: Sequence, kwargs: dict) -> Optional[str]:
+    """None when ``backend`` can run, else the reason in words."""
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpreting():
+            return ("triton kernels need CUDA tensors; CPU tensors run only in Triton's "
+                    "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    if backend == "xformers":
+        if not xformers_available():
+            return "xformers is not installed (pip install 'transkd-fast[xformers]')"
+        if device.type != "cuda":
+            return f"xformers has no {device.type} kernels, only CUDA"
+    if support is None:
+        return "the op has no implementation for it"
+    if device.type not in support.devices:
+        return f"it runs on {'/'.join(support.devices)} tensors, not {device.type}"
+    if dtype not in support.dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in support.dtypes)
+        return f"dtype {str(dtype).replace('torch.', '')} is not supported (supported: {names})"
+    if support.check is not None:
+        return support.check(*tensors, **kwargs)
+    return None
+
+
+def resolve(op: str, *tensors: torch.Tensor, backend: Optional[str] = None, **kwargs) -> str:
+    """Pick the concrete backend for ``op`` on these tensors, or raise :class:`BackendError`.
+
+    ``tensors[0]`` gives the device and dtype; extra keyword arguments go to the checks.
+    """
+    table = _OPS[op]
+    name = _check_name(backend or get_backend())
+    t0 = tensors[0]
+    device, dtype = t0.device, t0.dtype
+
+    def why(b: str) -> Optional[str]:
+        return _refusal(b, table.backends.get(b), device, dtype, tensors, kwargs)
+
+    if name != "auto":
+        reason = why(name)
+        if reason is None:
+            return name
+        working = [b for b in BACKENDS[1:] if why(b) is None]
+        raise BackendError(
+            f"transkd_fast::{op}: backend {name!r} refused for {device.type} "
+            f"{str(dtype).replace('torch.', '')} tensors of shape {tuple(t0.shape)}: {reason}. "
+            f"Backends that would work here: {', '.join(working) or 'none'}."
+        )
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    reasons = []
+    for b in order:
+        reason = why(b)
+        if reason is None:
+            return b
+        reasons.append(f"{b}: {reason}")
+    raise BackendError(
+        f"transkd_fast::{op}: no backend of auto's order {order} runs on {device.type} "
+        f"{str(dtype).replace('torch.', '')} tensors ({'; '.join(reasons)})"
+    )
+
+
+def check_tensor(name: str, t: torch.Tensor, *, ndim: Optional[int] = None,
+                 floating: bool = True) -> None:
+    """Shared argument checks with messages that name the argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")

@@ -1,0 +1,177 @@
+"""Efficient (spatial-reduction) attention of SegFormer / PVTv2.
+
+Math, per batch b and head h, with q ``[B, Nq, H, D]`` and k, v ``[B, Nkv, H, D]``
+(the xformers layout; strided views of the ``q`` and fused ``kv`` Linear outputs)::
+
+    S = scale · q_bh @ k_bhᵀ            [Nq, Nkv]      scale defaults to D^-0.5
+    P = softmax(S, dim=-1)
+    o_bh = P @ v_bh                      [Nq, D]        returned as [B, Nq, H, D]
+
+Backends:
+
+- ``reference``: eager PyTorch in fp32 that materializes S and P, as the original does.
+  Plain ATen ops, so fvcore and autograd see every matmul.
+- ``torch``: one custom op ``transkd_fast::efficient_attention`` over PyTorch's fused SDPA
+  kernels; it saves only the output and the row log-sum-exp for backward.
+- ``triton`` / ``xformers``: the same custom op over our Triton kernels / xformers (#3).
+
+The custom op returns ``(out, lse)``: every backend returns ``out`` contiguous
+``[B, Nq, H, D]`` (so the ``proj`` Linear reads it without a copy); ``lse`` ``[B, H, Nq]``
+(fp32; fp64 for fp64 inputs) is what backward needs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from transkd_fast.backend import Support, check_tensor, register_op, resolve
+
+OP = "efficient_attention"
+
+
+def efficient_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  scale: Optional[float] = None) -> torch.Tensor:
+    """Eager reference in fp32 math; returns ``[B, Nq, H, D]`` in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    attn = (qf @ kf.transpose(-2, -1)) * scale
+    attn = attn.softmax(dim=-1)
+    return (attn @ vf).transpose(1, 2).to(q.dtype)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    B, Nq, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)}: expected "
+            f"[B={B}, Nkv, H={H}, D={D}] (xformers layout [batch, tokens, heads, head_dim])"
+        )
+    if k.shape[1] == 0 or Nq == 0:
+        raise ValueError("efficient_attention needs at least one query and one key")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+# ---------------------------------------------------------------------------------------
+# torch backend: PyTorch's fused SDPA kernels that expose the log-sum-exp.
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_forward(q, k, v, scale):
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, False, attn_mask=None, scale=scale)
+    else:
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qt, kt, vt, None, True, 0.0, False, scale=scale)
+    # Both kernels allocate [B, Nq, H, D] and return a transposed view: no copy here.
+    return out.transpose(1, 2).contiguous(), lse.to(_lse_dtype(q.dtype))
+
+
+def _torch_backward(grad_out, q, k, v, out, lse, scale):
+    qt, kt, vt, ot, got = (t.transpose(1, 2) for t in (q, k, v, out, grad_out))
+    if q.device.type == "cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            got, qt, kt, vt, ot, lse, 0.0, False, attn_mask=None, scale=scale)
+    else:
+        philox = torch.zeros(2, dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            got, qt, kt, vt, None, ot, lse, philox, philox, 0.0, (True, True, True, False),
+            False, scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+_FORWARD = {"torch": _torch_forward}
+_BACKWARD = {"torch": _torch_backward}
+
+
+def register_backend(name: str, forward, backward) -> None:
+    """Plug a backend's (forward, backward) into the custom op (used by #3's triton/xformers)."""
+    _FORWARD[name] = forward
+    _BACKWARD[name] = backward
+
+
+# ---------------------------------------------------------------------------------------
+# The custom op: one named node for torch.compile, torch.export and fvcore.
+
+
+@torch.library.custom_op("transkd_fast::efficient_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _FORWARD[backend](q, k, v, scale)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, backend):
+    B, Nq, H, D = q.shape
+    out = q.new_empty(B, Nq, H, D)
+    return out, q.new_empty(B, H, Nq, dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("transkd_fast::efficient_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _BACKWARD[backend](grad_out, q, k, v, out, lse, scale)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _torch_check(q, k, v, **_):
+    if q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]} > 256 is not supported by PyTorch's fused kernels"
+    return None
+
+
+register_op(OP, {
+    "reference": Support(devices=("cpu", "cuda")),
+    "torch": Support(devices=("cpu", "cuda"), check=_torch_check),
+})
+
+
+def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ) v per head; q ``[B, Nq, H, D]``, k/v ``[B, Nkv, H, D]``.
+
+    Inputs may be strided views (of the ``q`` and ``kv`` Linear outputs). Returns
+    ``[B, Nq, H, D]`` in q's dtype. ``backend`` overrides the global choice for this call.
+    """
+    _check_inputs(q, k, v)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    name = resolve(OP, q, k, v, backend=backend)
+    if name == "reference":
+        return efficient_attention_reference(q, k, v, scale)
+    return _attention_op(q, k, v, scale, name)[0]
