@@ -1,0 +1,104 @@
+"""Run configurations (dataclasses). CLI options carry the same names with ``-`` for ``_``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+
+@dataclass
+class DataConfig:
+    """What to read and how to transform it.
+
+    ``void``: ``"class"`` — the paper's 20-output recipe: void (255) becomes the extra output id
+    ``num_classes`` (19 on Cityscapes) with CE weight 0, left out of the mIoU; ``"ignore"`` —
+    the model has ``num_classes`` outputs and void stays 255, skipped by the CE's
+    ``ignore_index``. ``label_scale``: 4 (paper: labels at 1/4 resolution against the 1/4
+    logits) or 1 (full resolution: logits upsampled bilinearly to the labels).
+    """
+
+    dataset: str = "synthetic"
+    data_root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    height: Optional[int] = None          # resize to this height (Cityscapes recipe: 512); None = native
+    label_scale: int = 4
+    void: str = "class"
+    max_translate: int = 2                # label pixels (the original: 2)
+    hflip: bool = True
+    normalize: bool = False               # ImageNet mean/std; the original feeds [0, 1]
+    class_weights: str = "dataset"        # "dataset" (the recipe's weights when the dataset has them) | "uniform"
+    # synthetic only
+    synthetic_train_size: int = 512
+    synthetic_val_size: int = 64
+    synthetic_height: int = 64
+    synthetic_width: int = 128
+    data_seed: int = 0
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """``train`` (one network) and ``distill`` (student + frozen teacher) runs.
+
+    Steps are optimizer steps; ``batch_size`` is the *global* batch (split over DDP ranks).
+    Optimizer AdamW(lr, betas, weight_decay, eps) and the polynomial schedule
+    ``lr · (1 − step/steps)^poly_power``, stepped every step.
+    """
+
+    model: str = "segformer_b0"
+    weights: Optional[str] = None          # start from these weights (train) / the student's (distill)
+    drop_path_rate: float = 0.1
+    dropout: float = 0.1
+    # distill only
+    teacher: Optional[str] = None          # e.g. "segformer_b2"
+    teacher_weights: Optional[str] = None
+    method: str = "transkd_base"           # a transkd_fast.distill.DISTILLERS name
+    distill_kwargs: dict = field(default_factory=dict)
+    # optimization
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 6e-5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    poly_power: float = 1.0
+    grad_clip: Optional[float] = None
+    amp: str = "none"                      # "none" | "bf16" | "fp16" (CUDA only)
+    seed: int = 0
+    device: str = "auto"                   # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    num_workers: int = 0
+    sync_bn: bool = True                   # synchronize BatchNorm statistics under DDP
+    # bookkeeping
+    output_dir: str = "runs/train"
+    resume: Optional[str] = None           # a checkpoint path, or "auto" = <output_dir>/last.pt if it exists
+    ckpt_every: int = 0                    # 0: only at the end
+    eval_every: int = 0                    # 0: only at the end
+    eval_batch_size: int = 8
+    log_every: int = 10
+    progress: bool = True
+    num_vis: int = 4                       # validation images in predictions.png
+    eval_at_end: bool = True
+    stop_at: Optional[int] = None          # stop after this step with a checkpoint, as an interrupt would
+    inject_nan: Optional[str] = None       # testing hook: "STEP[:TERM]" makes that term NaN at that step
+
+
+@dataclass
+class EvalConfig(DataConfig):
+    model: str = "segformer_b0"
+    weights: Optional[str] = None
+    split: str = "val"
+    resolution: str = "both"               # "quarter" (paper) | "full" | "both"
+    batch_size: int = 8
+    device: str = "auto"
+    amp: str = "none"
+    output_dir: Optional[str] = None       # write metrics JSON and predictions PNG here
+    num_vis: int = 4
+    progress: bool = True
+    num_workers: int = 0
+
+
+def config_from_dict(cls, d: dict[str, Any]):
+    """Build ``cls`` from a dict, ignoring unknown keys (e.g. an older checkpoint's config)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
