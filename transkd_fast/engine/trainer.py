@@ -28,6 +28,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
@@ -428,6 +429,8 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
 
     net = module
     if world > 1:
+        # Depthwise-conv grads come back channels-last; DDP copies them into its buckets (harmless).
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None,
             # KD modules may skip parameters on some steps (e.g. CSF's BN at local batch 1).
