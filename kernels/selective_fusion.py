@@ -33,10 +33,13 @@ import triton.language as tl
 # Tile configs: BP planes × BPIX pixels per program iteration. On the GPU one plane per
 # program (CSF maps have ≥ 2048 pixels at 512×1024; a (BP > 1) menu for tiny maps would double
 # the compile matrix for little gain). Under the interpreter the cost is per program, not per
-# element, so it takes INTERPRET_PLANES planes per program instead: same code, wider tile.
+# element, so it takes up to INTERPRET_PLANES planes and INTERPRET_PIXELS pixels per program
+# instead (tests also run the GPU tile): same code, wider tile.
 FWD_CONFIGS = ((1, 1024),)  # dst pixels (pool / fuse forward)
 BWD_CONFIGS = ((1, 512),)   # src pixels (pool / fuse backward; each visits its preimage)
 INTERPRET_PLANES = 64
+INTERPRET_PIXELS = 8192
+INTERPRET_ELEMENTS = 1 << 16
 ROWSUM_BLOCK_R = 64
 ROWSUM_BLOCK_S = 16
 NUM_WARPS = 4
@@ -251,9 +254,12 @@ def _config(configs, pixels: int, planes: int, bp=None) -> tuple[int, int]:
         if pixels >= cand_bpix:
             bp_gpu, bpix = cand_bp, cand_bpix
             break
-    if bp is None:
-        bp = min(INTERPRET_PLANES, triton.next_power_of_2(planes)) if _interpreting() else bp_gpu
-    return bp, bpix
+    if bp is not None:  # explicit planes per program (tests): keep the GPU pixel tile
+        return bp, bpix
+    if _interpreting():
+        bpix = max(bpix, min(INTERPRET_PIXELS, triton.next_power_of_2(pixels)))
+        return min(INTERPRET_PLANES, triton.next_power_of_2(planes), max(1, INTERPRET_ELEMENTS // bpix)), bpix
+    return bp_gpu, bpix
 
 
 def _split(groups: int, tiles: int, target_programs: int, split) -> tuple[int, int]:
