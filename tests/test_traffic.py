@@ -70,11 +70,13 @@ def test_attention_case_matches_the_analytic_bytes():
 def test_table_covers_the_fused_ops_and_fused_moves_less():
     rows = traffic.traffic_table()
     ops = {r["op"] for r in rows}
-    assert {"efficient_attention", "selective_pool", "selective_fuse", "kd_kl_div"} <= ops
+    assert {"efficient_attention", "selective_pool", "selective_fuse", "kd_kl_div", "hcl_loss", "weighted_mse"} <= ops
     for r in rows:
-        assert 0 < r["fused_fwd"] < r["ref_fwd"], r
+        # weighted_mse fuses launches, not bytes: aten's mse_loss already reads each pair once.
+        less = (lambda a, b: a <= b) if r["op"] == "weighted_mse" else (lambda a, b: a < b)
+        assert 0 < r["fused_fwd"] and less(r["fused_fwd"], r["ref_fwd"]), r
         if r["ref_fwdbwd"] is not None:
-            assert 0 < r["fused_fwdbwd"] < r["ref_fwdbwd"], r
+            assert 0 < r["fused_fwdbwd"] and less(r["fused_fwdbwd"], r["ref_fwdbwd"]), r
         assert abs(r["ref_fwd_us_h100_modeled"] - r["ref_fwd"] / H100_BANDWIDTH * 1e6) < 1e-9
     text = traffic.markdown(rows)
     assert "MODELED" in text and text.count("\n| ") == len(rows) + 1

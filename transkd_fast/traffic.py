@@ -242,13 +242,34 @@ def _loss_cases(dtype, batch, h1, w1, rnd) -> list:
                 lambda: (rnd(batch, 20, h1, w1), rnd(batch, 20, h1, w1, grad=False)),
                 lambda s, t, mode=mode: kl.kd_kl_div_reference(s, t, 1.0, mode),
                 lambda s, t, mode=mode: ops.kd_kl_div(s, t, 1.0, mode, s.requires_grad, "triton")))
-    for extra in _EXTRA_CASES:
-        cases += extra(dtype, batch, h1, w1, rnd)
+    # TransKD-Base, B0 -> B2 widths: CSF outputs / PEA outputs per stage.
+    t_dims = (64, 128, 320, 512)
+    sizes = [(h1 >> i, w1 >> i) for i in range(4)]
+    try:
+        from transkd_fast.ops import hcl
+    except ImportError:
+        hcl = None
+    if hcl is not None:
+        shapes = [(batch, c, h, w) for c, (h, w) in zip(t_dims, sizes)]
+        cases.append(TrafficCase(
+            "hcl_loss", "4 stages: " + ", ".join(f"[{','.join(map(str, s))}]" for s in shapes) + " (teacher detached)",
+            lambda: tuple(rnd(*s) for s in shapes) + tuple(rnd(*s, grad=False) for s in shapes),
+            lambda *t: hcl.hcl_loss_reference(list(t[:4]), list(t[4:])),
+            lambda *t: ops.hcl_loss(list(t[:4]), list(t[4:]), "triton")))
+    try:
+        from transkd_fast.ops import weighted_mse as wm
+    except ImportError:
+        wm = None
+    if wm is not None:
+        shapes = [(batch, h * w, c) for c, (h, w) in zip(t_dims, sizes)]
+        weights = [0.1, 0.1, 0.5, 1.0]
+        cases.append(TrafficCase(
+            "weighted_mse",
+            "4 stages: " + ", ".join(f"[{','.join(map(str, s))}]" for s in shapes) + " (targets detached)",
+            lambda: tuple(rnd(*s) for s in shapes) + tuple(rnd(*s, grad=False) for s in shapes),
+            lambda *t: wm.weighted_mse_reference(list(t[:4]), list(t[4:]), weights),
+            lambda *t: ops.weighted_mse(list(t[:4]), list(t[4:]), weights, "triton")))
     return cases
-
-
-# Cases added by name for ops whose modules appear later (hcl_loss, weighted_mse).
-_EXTRA_CASES: list[Callable[..., list]] = []
 
 
 def traffic_table(dtype: torch.dtype = torch.float32, cases: Optional[Sequence[TrafficCase]] = None) -> list[dict]:
