@@ -1,0 +1,266 @@
+"""Mix Transformer (MiT) backbones B0…B5 of SegFormer, with NVlabs ``mix_transformer.py`` names.
+
+Per stage i (1…4), with tokens ``x`` ``[B, N_i, C_i]`` on an ``H_i × W_i`` grid::
+
+    x, H_i, W_i = patch_embed{i}(feat)           Conv2d(k7 s4 p3 | k3 s2 p1) + LayerNorm(eps 1e-5)
+    for blk in block{i}:
+        x = x + drop_path(blk.attn(blk.norm1(x)))     efficient attention, below
+        x = x + drop_path(blk.mlp(blk.norm2(x)))      fc1 → dwconv.dwconv (3×3 depthwise) → GELU → fc2
+    feat = norm{i}(x) viewed as [B, C_i, H_i, W_i]
+
+``attn``: ``q`` Linear(C, C); when sr > 1, ``sr`` Conv2d(C, C, k=s=sr) on the spatial view then
+``norm`` LayerNorm(eps 1e-5); ``kv`` Linear(C, 2C) whose output splits as [k | v];
+``softmax(q kᵀ · D^-½) v`` per head (:func:`transkd_fast.ops.attention.efficient_attention`);
+``proj`` Linear(C, C). Block and stage norms use eps 1e-6 (NVlabs); Hugging Face's port uses
+1e-5 there (``norm_eps=1e-5`` reproduces its numbers).
+
+Layout: tokens stay ``[B, N, C]`` contiguous; the NCHW views the convolutions need are
+``x.transpose(1, 2).view(B, C, H, W)``, i.e. channels_last tensors, so ``sr``, ``dwconv`` and
+the next ``patch_embed`` read them without a copy and their channels_last outputs flatten back to
+contiguous tokens without a copy. Stage features are therefore NCHW-shaped tensors in
+``torch.channels_last`` memory format (use ``reshape``, not ``view``, on them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transkd_fast.ops.attention import efficient_attention
+
+# name: (embed_dims, depths, num_heads, mlp_ratios, sr_ratios)
+MIT_CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "b0": ((32, 64, 160, 256), (2, 2, 2, 2), (1, 2, 5, 8), (4, 4, 4, 4), (8, 4, 2, 1)),
+    "b1": ((64, 128, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), (4, 4, 4, 4), (8, 4, 2, 1)),
+    "b2": ((64, 128, 320, 512), (3, 4, 6, 3), (1, 2, 5, 8), (4, 4, 4, 4), (8, 4, 2, 1)),
+    "b3": ((64, 128, 320, 512), (3, 4, 18, 3), (1, 2, 5, 8), (4, 4, 4, 4), (8, 4, 2, 1)),
+    "b4": ((64, 128, 320, 512), (3, 8, 27, 3), (1, 2, 5, 8), (4, 4, 4, 4), (8, 4, 2, 1)),
+    "b5": ((64, 128, 320, 512), (3, 6, 40, 3), (1, 2, 5, 8), (4, 4, 4, 4), (8, 4, 2, 1)),
+}
+
+
+def tokens_to_nchw(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """``[B, H·W, C]`` → ``[B, C, H, W]``; a channels_last view when ``x`` is contiguous."""
+    B, N, C = x.shape
+    # view + permute (not transpose + reshape) so every stride is the canonical channels_last
+    # one even when B == 1; kernels pick their channels_last path from the strides.
+    return x.reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def nchw_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``[B, H·W, C]``; contiguous without a copy when ``x`` is channels_last."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def init_nvlabs_(m: nn.Module) -> None:
+    """NVlabs/PVT init: Linear trunc_normal(std .02), zero bias; LayerNorm (1, 0);
+    Conv2d normal(0, sqrt(2 / fan_out)) with fan_out = k_h·k_w·out / groups, zero bias."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability ``p`` in training,
+    scale the kept ones by 1 / (1 − p); identity in eval."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Conv2d(k, stride s, padding k // 2) then LayerNorm over channels; returns ``(tokens, H, W)``."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int, eps: float = 1e-5):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        return self.norm(nchw_to_tokens(x)), H, W
+
+
+class EfficientSelfAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a sequence reduced ``sr_ratio``× per side.
+
+    Parameters ``q``, ``kv`` (fused [k | v]), ``sr`` + ``norm`` (only when sr_ratio > 1), ``proj``.
+    q and k, v reach the op as strided ``[B, N, H, D]`` views of the Linear outputs (no copies).
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
+                 sr_norm_eps: float = 1e-5):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim, eps=sr_norm_eps)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).view(B, N, h, d)
+        if self.sr_ratio > 1:
+            x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))
+        kv = self.kv(x).view(B, x.shape[1], 2, h, d)
+        out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
+        # torch/triton backends return contiguous [B, N, h, d] (a free view); reference may copy.
+        return self.proj(out.reshape(B, N, C))
+
+
+class DWConv(nn.Module):
+    """3×3 depthwise conv (with bias) applied to tokens on their H × W grid."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return nchw_to_tokens(self.dwconv(tokens_to_nchw(x, H, W)))
+
+
+class MixFFN(nn.Module):
+    """fc1 → dwconv → GELU (exact) → fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), with stochastic depth."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, qkv_bias: bool = True,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, sr_norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias, sr_norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MixFFN(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        # Residual sums land in the branch's fresh output (a Linear's or DropPath's, neither saved
+        # for backward), never in x: x may be the patch embedding handed out to the caller.
+        x = self.drop_path(self.attn(self.norm1(x), H, W)).add_(x)
+        return self.drop_path(self.mlp(self.norm2(x), H, W)).add_(x)
+
+
+class MixVisionTransformer(nn.Module):
+    """Four-stage hierarchical transformer (MiT; PVTv2 uses the same blocks).
+
+    ``forward(x)`` with ``x`` ``[B, in_chans, H, W]`` returns ``(stage_features, patch_embeddings)``:
+    stage_features[i] ``[B, C_i, H/2^(i+2), W/2^(i+2)]`` (after ``norm{i+1}``, channels_last memory
+    format), patch_embeddings[i] ``[B, N_i, C_i]`` (the tokens right after ``patch_embed{i+1}``,
+    LayerNorm included). Sizes round up like the convs: ceil(H/4), then ceil(·/2) per stage.
+    """
+
+    def __init__(self, embed_dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
+                 mlp_ratios: Sequence[float], sr_ratios: Sequence[int], in_chans: int = 3,
+                 qkv_bias: bool = True, drop_path_rate: float = 0.1, norm_eps: float = 1e-6,
+                 patch_embed_eps: float = 1e-5, sr_norm_eps: float = 1e-5, variant: str = ""):
+        super().__init__()
+        if not (len(embed_dims) == len(depths) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == 4):
+            raise ValueError("MixVisionTransformer has 4 stages: give 4 values per setting")
+        self.embed_dims = list(embed_dims)
+        self.depths = list(depths)
+        self.variant = variant
+        total = sum(depths)
+        # Stochastic depth rate grows linearly over all blocks, 0 → drop_path_rate.
+        dpr = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        cur = 0
+        for i in range(4):
+            setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(
+                in_chans if i == 0 else embed_dims[i - 1], embed_dims[i],
+                patch_size=7 if i == 0 else 3, stride=4 if i == 0 else 2, eps=patch_embed_eps))
+            setattr(self, f"block{i + 1}", nn.ModuleList(
+                Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias, dpr[cur + j],
+                      norm_eps, sr_norm_eps)
+                for j in range(depths[i])))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=norm_eps))
+            cur += depths[i]
+        self.apply(init_nvlabs_)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        features: list[torch.Tensor] = []
+        embeds: list[torch.Tensor] = []
+        for i in range(1, 5):
+            tokens, H, W = getattr(self, f"patch_embed{i}")(x)
+            embeds.append(tokens)
+            for blk in getattr(self, f"block{i}"):
+                tokens = blk(tokens, H, W)
+            tokens = getattr(self, f"norm{i}")(tokens)
+            x = tokens_to_nchw(tokens, H, W)
+            features.append(x)
+        return features, embeds
+
+
+def mit(variant: str, **kwargs) -> MixVisionTransformer:
+    """MiT backbone ``variant`` in b0…b5; keyword arguments override the constructor's defaults."""
+    key = variant.lower().removeprefix("mit_")
+    if key not in MIT_CONFIGS:
+        raise ValueError(f"unknown MiT variant {variant!r}; choose one of {', '.join('mit_' + k for k in MIT_CONFIGS)}")
+    dims, depths, heads, ratios, srs = MIT_CONFIGS[key]
+    return MixVisionTransformer(dims, depths, heads, ratios, srs, variant=f"mit_{key}", **kwargs)
+
+
+def mit_b0(**kwargs) -> MixVisionTransformer:
+    return mit("b0", **kwargs)
+
+
+def mit_b1(**kwargs) -> MixVisionTransformer:
+    return mit("b1", **kwargs)
+
+
+def mit_b2(**kwargs) -> MixVisionTransformer:
+    return mit("b2", **kwargs)
+
+
+def mit_b3(**kwargs) -> MixVisionTransformer:
+    return mit("b3", **kwargs)
+
+
+def mit_b4(**kwargs) -> MixVisionTransformer:
+    return mit("b4", **kwargs)
+
+
+def mit_b5(**kwargs) -> MixVisionTransformer:
+    return mit("b5", **kwargs)

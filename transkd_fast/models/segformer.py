@@ -1,0 +1,186 @@
+"""SegFormer: MiT backbone + All-MLP decode head (NVlabs/mmseg names: ``backbone.*``, ``decode_head.*``).
+
+Head math, stage features f_i ``[B, C_i, h_i, w_i]`` (i = 1…4), decoder width E::
+
+    c_i = linear_c{i}.proj(f_i)                      Linear(C_i, E) per pixel
+    u_i = bilinear(c_i, size of f_1, align_corners=False)
+    y   = ReLU(BN(linear_fuse.conv([u_4, u_3, u_2, u_1])))   1×1 conv 4E → E, no bias
+    logits = linear_pred(Dropout2d(y))                 1×1 conv E → classes, at 1/4 input size
+
+Fold (``decode_head.fold = True``, the default): the 1×1 ``linear_fuse`` conv is linear per pixel
+and bilinear upsampling is linear per channel with weights summing to 1, so with W_j the slice of
+linear_fuse's weight that sees u_i, ``W_j u_i = bilinear((W_j A_i) f_i) + W_j b_i``. The head
+therefore applies one composed Linear (W_j A_i) to each stage at its own resolution, upsamples
+E channels, sums, and adds every bias once at stage 1. In eval the BatchNorm's affine map is folded
+into the same weights too. The concat at stage-1 size and the 4E → E conv there (the bulk of the
+head's FLOPs) disappear; parameters and state-dict names are unchanged (the fold is recomputed from
+them at every forward, so gradients reach the original weights). ``fold = False`` runs the
+original computation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, mit, nchw_to_tokens, tokens_to_nchw
+
+DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
+
+
+class MLP(nn.Module):
+    """Per-pixel Linear (``proj``) on an NCHW map; returns tokens ``[B, h·w, E]``."""
+
+    def __init__(self, input_dim: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(input_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(nchw_to_tokens(x))
+
+
+class ConvModule(nn.Module):
+    """mmcv-style Conv2d (``conv``) + optional BatchNorm (``bn``) + optional ReLU.
+
+    Init as mmcv: conv kaiming normal (fan_out, ReLU gain), zero bias; BN weight 1, bias 0.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
+                 norm: bool = False, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=not norm)
+        self.bn = nn.BatchNorm2d(out_channels) if norm else None
+        self.act = act
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return F.relu(x) if self.act else x
+
+
+class SegFormerHead(nn.Module):
+    """All-MLP decoder: ``linear_c{1..4}``, ``linear_fuse`` (conv + bn), ``dropout``, ``linear_pred``.
+
+    ``forward(features)`` with the 4 stage maps returns logits ``[B, num_classes, h_1, w_1]``
+    (contiguous). ``fold`` picks the folded (default) or the original computation (module doc).
+    """
+
+    def __init__(self, in_channels: Sequence[int], embed_dim: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.in_channels = list(in_channels)
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        for i, c in enumerate(in_channels):
+            setattr(self, f"linear_c{i + 1}", MLP(c, embed_dim))
+        self.linear_fuse = ConvModule(4 * embed_dim, embed_dim, 1, norm=True)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
+        self.fold = True
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(features) != 4:
+            raise ValueError(f"SegFormerHead takes the 4 stage features, got {len(features)}")
+        y = self._fused_folded(features) if self.fold else self._fused_unfolded(features)
+        y = self.dropout(y)
+        B, _, H, W = y.shape
+        # W [K, E] @ y [B, E, h·w] writes contiguous NCHW logits whatever y's memory format.
+        logits = torch.matmul(self.linear_pred.weight.flatten(1), y.flatten(2))
+        logits = logits + self.linear_pred.bias[:, None]
+        return logits.view(B, self.num_classes, H, W)
+
+    def _fused_unfolded(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """ReLU(BN(linear_fuse.conv(cat[u4, u3, u2, u1]))) as the original computes it."""
+        size = features[0].shape[-2:]
+        ups = []
+        for i in (3, 2, 1, 0):
+            f = features[i]
+            c = tokens_to_nchw(getattr(self, f"linear_c{i + 1}")(f), *f.shape[-2:])
+            if c.shape[-2:] != size:
+                c = F.interpolate(c, size=size, mode="bilinear", align_corners=False)
+            ups.append(c)
+        return self.linear_fuse(torch.cat(ups, dim=1))
+
+    def _folded_weights(self) -> tuple[list[torch.Tensor], torch.Tensor, bool]:
+        """Per-stage composed weights [E, C_i] and the total bias [E]; BN folded in eval."""
+        E = self.embed_dim
+        wf = self.linear_fuse.conv.weight.view(E, 4 * E)
+        weights, bias = [], None
+        for i in range(4):
+            j = 3 - i  # concat order is [c4, c3, c2, c1]
+            proj = getattr(self, f"linear_c{i + 1}").proj
+            wj = wf[:, j * E:(j + 1) * E]
+            weights.append(wj @ proj.weight)
+            b = wj @ proj.bias
+            bias = b if bias is None else bias + b
+        bn = self.linear_fuse.bn
+        bn_folded = not bn.training and bn.track_running_stats and bn.running_var is not None
+        if bn_folded:
+            g = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weights = [w * g[:, None] for w in weights]
+            bias = (bias - bn.running_mean) * g + bn.bias
+        return weights, bias, bn_folded
+
+    def _fused_folded(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        weights, bias, bn_folded = self._folded_weights()
+        f1 = features[0]
+        size = f1.shape[-2:]
+        # Stage 1 is at the output size: it carries every bias (upsampling keeps constants).
+        acc = tokens_to_nchw(F.linear(nchw_to_tokens(f1), weights[0], bias), *size)
+        for i in (3, 2, 1):
+            f = features[i]
+            t = tokens_to_nchw(F.linear(nchw_to_tokens(f), weights[i]), *f.shape[-2:])
+            if t.shape[-2:] != size:
+                t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+            # In place: acc is a fresh Linear output that autograd does not save, and a new
+            # 1/4-resolution buffer per term would cost more than the add (page faults).
+            acc.add_(t)
+        if not bn_folded:
+            acc = self.linear_fuse.bn(acc)
+        return F.relu(acc, inplace=True)
+
+
+class SegFormer(nn.Module):
+    """SegFormer = ``backbone`` (MiT) + ``decode_head`` (:class:`SegFormerHead`).
+
+    - ``model(x)`` → logits ``[B, num_classes, ⌈H/4⌉, ⌈W/4⌉]``.
+    - ``model(x, return_features=True)`` → ``(stage_features, logits, patch_embeddings)``: 4 NCHW
+      stage outputs (after ``norm{i}``) and 4 ``[B, N_i, C_i]`` patch-embedding token sequences.
+    - ``model.backbone(x)`` → ``(stage_features, patch_embeddings)``; ``model.decode_head(features)`` → logits.
+    """
+
+    def __init__(self, backbone: MixVisionTransformer, num_classes: int = 19, decoder_dim: int = 256,
+                 dropout: float = 0.1, variant: str = ""):
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = SegFormerHead(backbone.embed_dims, decoder_dim, num_classes, dropout)
+        self.embed_dims = list(backbone.embed_dims)
+        self.num_classes = num_classes
+        self.variant = variant
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features, embeds = self.backbone(x)
+        logits = self.decode_head(features)
+        if return_features:
+            return features, logits, embeds
+        return logits
+
+
+def segformer(variant: str, num_classes: int = 19, decoder_dim: int | None = None, dropout: float = 0.1,
+              **backbone_kwargs) -> SegFormer:
+    """SegFormer-``variant`` (b0…b5); decoder width 256 for b0/b1, 768 for b2–b5 unless given.
+
+    Extra keyword arguments go to the MiT backbone (``drop_path_rate``, ``norm_eps``, ...).
+    """
+    key = variant.lower().removeprefix("segformer_").removeprefix("mit_")
+    if key not in MIT_CONFIGS:
+        raise ValueError(f"unknown SegFormer variant {variant!r}; choose one of "
+                         f"{', '.join('segformer_' + k for k in MIT_CONFIGS)}")
+    backbone = mit(key, **backbone_kwargs)
+    return SegFormer(backbone, num_classes, decoder_dim or DECODER_DIMS[key], dropout, variant=f"segformer_{key}")
