@@ -241,6 +241,11 @@ def test_opcheck(backend):
     g = torch.randn(2, 3, 7, 9, dtype=dtype)
     torch.library.opcheck(sf._fuse_backward_op, (g, x.detach(), y.detach(), a.detach(), backend))
     torch.library.opcheck(sf._pool_backward_op, (torch.randn(2, 3, dtype=dtype), 7, 9, 4, 5, backend))
+    # channels_last x and an integer ratio: real outputs keep the layout the fake impls promise.
+    xc = torch.randn(2, 3, 8, 10, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(sf._fuse_op, (xc, y, a, backend))
+    gc = torch.randn(2, 3, 8, 10, dtype=dtype)
+    torch.library.opcheck(sf._fuse_backward_op, (gc, xc.detach(), y.detach(), a.detach(), backend))
 
 
 def test_bad_inputs_have_clear_errors():
@@ -263,6 +268,9 @@ def test_bad_inputs_have_clear_errors():
         selective_pool(x[0], y)
     with pytest.raises(BackendError, match=r"selective_fuse: backend 'triton' refused .*float64 is not supported"):
         selective_fuse(x.double(), y.double(), a.double(), backend="triton")
+    big = torch.empty(1, 1, 2, 9000).expand(1, 1, 2, 9000)
+    with pytest.raises(BackendError, match=r"selective_pool: backend 'triton' refused .*sides above 8192"):
+        selective_pool(big, big[..., :10])
 
 
 def test_auto_backend_on_cpu_is_torch_custom_op():

@@ -179,11 +179,14 @@ def _torch_fuse_forward(x, y, a):
     a = a.to(x.dtype)
     a0 = a[:, 0, :, None, None]
     a1y = a[:, 1, :, None, None] * y  # y-sized
+    out = torch.empty_like(x)  # x's layout, as the fake impl says
     if kh and kw:
-        out = torch.addcmul(a1y[:, :, :, None, :, None], _split_view(x, kh, kw), a0[..., None, None])
-        return out.reshape(B, C, H, W)
-    up = a1y[:, :, _index_t(h, H, x.device)[:, None], _index_t(w, W, x.device)[None, :]]
-    return torch.addcmul(up, x, a0)
+        torch.addcmul(a1y[:, :, :, None, :, None], _split_view(x, kh, kw), a0[..., None, None],
+                      out=_split_view(out, kh, kw))
+    else:
+        up = a1y[:, :, _index_t(h, H, x.device)[:, None], _index_t(w, W, x.device)[None, :]]
+        torch.addcmul(up, x, a0, out=out)
+    return out
 
 
 def _adjoint_up(g, h, w, acc):
@@ -210,10 +213,10 @@ def _torch_fuse_backward(g, x, y, a):
     acc = _acc_dtype(x.dtype)
     h, w = y.shape[-2:]
     a_acc = a.to(acc)
-    dx = (g * a.to(x.dtype)[:, 0, :, None, None]).to(x.dtype)
+    dx = torch.mul(g, a.to(x.dtype)[:, 0, :, None, None], out=torch.empty_like(x))
     gs = _adjoint_up(g, h, w, acc)
-    dy = (gs * a_acc[:, 1, :, None, None]).to(y.dtype)
-    da0 = (g.to(acc) * x.to(acc)).sum(dim=(2, 3)) if acc != x.dtype else (g * x).sum(dim=(2, 3))
+    dy = torch.mul(gs, a_acc[:, 1, :, None, None], out=torch.empty_like(y))
+    da0 = (g.to(acc) * x.to(acc)).sum(dim=(2, 3))
     da1 = (gs * y.to(acc)).sum(dim=(2, 3))
     return dx, dy, torch.stack((da0, da1), dim=1).to(a.dtype)
 
@@ -355,6 +358,8 @@ _fuse_op.register_autograd(_fuse_backward, setup_context=_fuse_setup)
 def _triton_check(x, y_low, *rest, **_):
     if max(x.shape[-2:] + y_low.shape[-2:]) > MAX_SIDE:
         return f"spatial sides above {MAX_SIDE} are not supported by the kernels' index math"
+    if x.shape[0] * x.shape[1] > 65535:
+        return f"B·C = {x.shape[0] * x.shape[1]} planes exceed the kernels' grid limit of 65535"
     return None
 
 
