@@ -104,6 +104,9 @@ def test_fp32_forward_and_grad(case, backend):
 @pytest.mark.parametrize("mode", ["spatial", "channel"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_within_twice_torch(dtype, mode, backend):
+    # Triton's interpreter truncates fp32 -> bf16 stores (the GPU rounds to nearest even), so
+    # the interpreted bf16 gradient is about 2.5x less accurate than it is on a GPU; it still
+    # passes the 2x-of-torch rule because torch's own bf16 formula is worse.
     shape = (2, 20, 13, 27)
     s = _logits(shape, "channels_last" if mode == "spatial" else "slice", dtype)
     t = _logits(shape, "contiguous", dtype).detach()
@@ -241,11 +244,13 @@ def test_scale_kernel_keeps_precision_of_tiny_factors():
 
 
 def test_custom_op_registration():
+    """Schema, fake tensors, autograd registration and AOT dispatch (torch.compile's path)."""
     s, t = torch.randn(1, 4, 3, 5, requires_grad=True), torch.randn(1, 4, 3, 5)
+    op = torch.ops.transkd_fast.kd_kl_div.default
     for mode in ("spatial", "channel"):
-        for need_grad in (True, False):
-            torch.library.opcheck(torch.ops.transkd_fast.kd_kl_div.default, (s, t, 2.0, mode, need_grad, "torch"),
-                                  test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(op, (s, t, 2.0, mode, True, "torch"))
+        torch.library.opcheck(op, (s.detach(), t, 2.0, mode, False, "torch"),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_check_sm80_sm90_no_spills():
