@@ -30,13 +30,15 @@ import os
 import triton
 import triton.language as tl
 
-# Tile configs: BP planes × BPIX pixels per program iteration. On the GPU one plane per
-# program (CSF maps have ≥ 2048 pixels at 512×1024; a (BP > 1) menu for tiny maps would double
-# the compile matrix for little gain). Under the interpreter the cost is per program, not per
-# element, so it takes up to INTERPRET_PLANES planes and INTERPRET_PIXELS pixels per program
-# instead (tests also run the GPU tile): same code, wider tile.
-FWD_CONFIGS = ((1, 1024),)  # dst pixels (pool / fuse forward)
-BWD_CONFIGS = ((1, 512),)   # src pixels (pool / fuse backward; each visits its preimage)
+# Tile configs (BP, BPIX, BW): BP planes × BPIX pixels per program iteration, the pixels being
+# BPIX // BW rows × BW contiguous columns (vector loads along a row when its stride is 1).
+# On the GPU one plane per program; BW = 64 dst / 32 src columns fits the CSF maps of B0 at
+# 512×1024 exactly (W = 256, 128, 64). A wider menu would multiply the compile matrix for
+# little gain. Under the interpreter the cost is per program, not per element, so it takes up
+# to INTERPRET_PLANES planes and INTERPRET_PIXELS pixels per program instead (tests also run
+# the GPU tile): same code, wider tile.
+FWD_CONFIGS = ((1, 1024, 64),)  # dst pixels (pool / fuse forward)
+BWD_CONFIGS = ((1, 512, 32),)   # src pixels (pool / fuse backward; each visits its preimage)
 INTERPRET_PLANES = 64
 INTERPRET_PIXELS = 8192
 INTERPRET_ELEMENTS = 1 << 16
@@ -63,13 +65,22 @@ def _first_dst(i, n_in, n_out, scale):
 
 
 @triton.jit
+def _tile_rc(tile, n_tw, BPIX: tl.constexpr, BW: tl.constexpr):
+    # Tile ``tile`` of a map cut in n_tw tiles per row band: BPIX // BW rows × BW columns.
+    lin = tl.arange(0, BPIX)
+    r = (tile // n_tw) * (BPIX // BW) + lin // BW
+    q = (tile % n_tw) * BW + lin % BW
+    return r, q
+
+
+@triton.jit
 def _selective_pool_fwd_kernel(
     x_ptr, y_ptr, ws_ptr,
     n_planes, C, H, W, h, w, scale_h, scale_w,
     sxb, sxc, sxh, sxw,
     syb, syc, syh, syw,
-    n_split, tiles_per_split,
-    BP: tl.constexpr, BPIX: tl.constexpr,
+    n_tw, n_split, tiles_per_split,
+    BP: tl.constexpr, BPIX: tl.constexpr, BW: tl.constexpr,
 ):
     """ws[b·C + c, s] = Σ over this split's dst pixels of x + up(y_low), for BP planes."""
     planes = tl.program_id(0) * BP + tl.arange(0, BP)
@@ -79,13 +90,10 @@ def _selective_pool_fwd_kernel(
     c = (planes % C).to(tl.int64)
     x_base = x_ptr + (b * sxb + c * sxc)[:, None]
     y_base = y_ptr + (b * syb + c * syc)[:, None]
-    hw = H * W
     acc = tl.zeros([BP, BPIX], dtype=tl.float32)
     for t in range(0, tiles_per_split):
-        idx = (sid * tiles_per_split + t) * BPIX + tl.arange(0, BPIX)
-        m = pm[:, None] & (idx < hw)[None, :]
-        r = idx // W
-        q = idx % W
+        r, q = _tile_rc(sid * tiles_per_split + t, n_tw, BPIX, BW)
+        m = pm[:, None] & ((r < H) & (q < W))[None, :]
         ri = _nearest_src(r, h, scale_h)
         qi = _nearest_src(q, w, scale_w)
         xo = r.to(tl.int64) * sxh + q.to(tl.int64) * sxw
@@ -116,7 +124,8 @@ def _selective_pool_bwd_kernel(
     n_planes, C, H, W, h, w, scale_h, scale_w, inv_hw,
     sgb, sgc,
     sdb, sdc, sdh, sdw,
-    BP: tl.constexpr, BPIX: tl.constexpr,
+    n_tw,
+    BP: tl.constexpr, BPIX: tl.constexpr, BW: tl.constexpr,
 ):
     """dy_low[b, c, i, j] = g[b, c] / HW · |rows(i)| · |cols(j)| over one tile of source pixels."""
     tid = tl.program_id(0)
@@ -125,14 +134,12 @@ def _selective_pool_bwd_kernel(
     b = (planes // C).to(tl.int64)
     c = (planes % C).to(tl.int64)
     gv = tl.load(g_ptr + b * sgb + c * sgc, mask=pm, other=0.0).to(tl.float32) * inv_hw
-    idx = tid * BPIX + tl.arange(0, BPIX)
-    i = idx // w
-    j = idx % w
+    i, j = _tile_rc(tid, n_tw, BPIX, BW)
     nr = _first_dst(i + 1, h, H, scale_h) - _first_dst(i, h, H, scale_h)
     nq = _first_dst(j + 1, w, W, scale_w) - _first_dst(j, w, W, scale_w)
     val = gv[:, None] * (nr * nq).to(tl.float32)[None, :]
     off = (b * sdb + c * sdc)[:, None] + (i.to(tl.int64) * sdh + j.to(tl.int64) * sdw)[None, :]
-    tl.store(dy_ptr + off, val.to(dy_ptr.dtype.element_ty), mask=pm[:, None] & (idx < h * w)[None, :])
+    tl.store(dy_ptr + off, val.to(dy_ptr.dtype.element_ty), mask=pm[:, None] & ((i < h) & (j < w))[None, :])
 
 
 @triton.jit
@@ -143,7 +150,8 @@ def _selective_fuse_fwd_kernel(
     syb, syc, syh, syw,
     sob, soc, soh, sow,
     sab, sak, sac,
-    BP: tl.constexpr, BPIX: tl.constexpr,
+    n_tw,
+    BP: tl.constexpr, BPIX: tl.constexpr, BW: tl.constexpr,
 ):
     """o = a0 · x + a1 · up(y_low) over one tile of BPIX dst pixels of BP planes."""
     tid = tl.program_id(0)
@@ -154,10 +162,8 @@ def _selective_fuse_fwd_kernel(
     a_off = b * sab + c * sac
     a0 = tl.load(a_ptr + a_off, mask=pm, other=0.0).to(tl.float32)[:, None]
     a1 = tl.load(a_ptr + a_off + sak, mask=pm, other=0.0).to(tl.float32)[:, None]
-    idx = tid * BPIX + tl.arange(0, BPIX)
-    m = pm[:, None] & (idx < H * W)[None, :]
-    r = idx // W
-    q = idx % W
+    r, q = _tile_rc(tid, n_tw, BPIX, BW)
+    m = pm[:, None] & ((r < H) & (q < W))[None, :]
     ri = _nearest_src(r, h, scale_h)
     qi = _nearest_src(q, w, scale_w)
     r64 = r.to(tl.int64)
@@ -180,8 +186,8 @@ def _selective_fuse_bwd_kernel(
     sdxb, sdxc, sdxh, sdxw,
     sdyb, sdyc, sdyh, sdyw,
     sab, sak, sac,
-    n_split, tiles_per_split,
-    BP: tl.constexpr, BPIX: tl.constexpr,
+    n_tw, n_split, tiles_per_split,
+    BP: tl.constexpr, BPIX: tl.constexpr, BW: tl.constexpr,
 ):
     """One pass over this split's source pixels; each visits its preimage (≤ KH×KW dst pixels).
 
@@ -201,14 +207,11 @@ def _selective_fuse_bwd_kernel(
     dx_base = dx_ptr + (b * sdxb + c * sdxc)[:, None]
     y_base = y_ptr + (b * syb + c * syc)[:, None]
     dy_base = dy_ptr + (b * sdyb + c * sdyc)[:, None]
-    hw = h * w
     acc_gx = tl.zeros([BP, BPIX], dtype=tl.float32)
     acc_gy = tl.zeros([BP, BPIX], dtype=tl.float32)
     for t in range(0, tiles_per_split):
-        idx = (sid * tiles_per_split + t) * BPIX + tl.arange(0, BPIX)
-        m = pm[:, None] & (idx < hw)[None, :]
-        i = idx // w
-        j = idx % w
+        i, j = _tile_rc(sid * tiles_per_split + t, n_tw, BPIX, BW)
+        m = pm[:, None] & ((i < h) & (j < w))[None, :]
         r0 = _first_dst(i, h, H, scale_h)
         r1 = _first_dst(i + 1, h, H, scale_h)
         q0 = _first_dst(j, w, W, scale_w)
@@ -247,19 +250,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _config(configs, pixels: int, planes: int, bp=None) -> tuple[int, int]:
-    """(BP, BPIX): the first config whose pixel tile the map fills (else the last one)."""
-    bp_gpu, bpix = configs[-1]
-    for cand_bp, cand_bpix in configs:
-        if pixels >= cand_bpix:
-            bp_gpu, bpix = cand_bp, cand_bpix
-            break
-    if bp is not None:  # explicit planes per program (tests): keep the GPU pixel tile
-        return bp, bpix
-    if _interpreting():
-        bpix = max(bpix, min(INTERPRET_PIXELS, triton.next_power_of_2(pixels)))
-        return min(INTERPRET_PLANES, triton.next_power_of_2(planes), max(1, INTERPRET_ELEMENTS // bpix)), bpix
-    return bp_gpu, bpix
+def _config(configs, rows: int, cols: int, planes: int, bp=None) -> tuple[int, int, int, int]:
+    """(BP, BPIX, BW, n_tiles) for a rows×cols map; ``bp`` given (tests) keeps the GPU pixel tile."""
+    BP, BPIX, BW = configs[0]
+    if bp is not None:
+        BP = bp
+    elif _interpreting():
+        BW = min(INTERPRET_PIXELS, triton.next_power_of_2(cols))
+        BPIX = max(BW, min(INTERPRET_PIXELS, triton.next_power_of_2(rows) * BW))
+        BP = min(INTERPRET_PLANES, triton.next_power_of_2(planes), max(1, INTERPRET_ELEMENTS // BPIX))
+    n_tw = triton.cdiv(cols, BW)
+    return BP, BPIX, BW, n_tw
 
 
 def _split(groups: int, tiles: int, target_programs: int, split) -> tuple[int, int]:
@@ -285,35 +286,35 @@ def pool_forward(x, y, out, scale_h: float, scale_w: float, *, target_programs: 
     B, C, H, W = x.shape
     h, w = y.shape[-2:]
     planes = B * C
-    BP, BPIX = _config(FWD_CONFIGS, H * W, planes, bp)
+    BP, BPIX, BW, n_tw = _config(FWD_CONFIGS, H, W, planes, bp)
     groups = triton.cdiv(planes, BP)
-    n_split, per = _split(groups, triton.cdiv(H * W, BPIX), target_programs, split)
+    n_split, per = _split(groups, triton.cdiv(H, BPIX // BW) * n_tw, target_programs, split)
     ws = torch.empty(planes, n_split, device=x.device, dtype=torch.float32)
     _selective_pool_fwd_kernel[(groups, n_split)](
-        x, y, ws, planes, C, H, W, h, w, scale_h, scale_w, *x.stride(), *y.stride(), n_split, per,
-        BP=BP, BPIX=BPIX, num_warps=NUM_WARPS)
+        x, y, ws, planes, C, H, W, h, w, scale_h, scale_w, *x.stride(), *y.stride(), n_tw, n_split, per,
+        BP=BP, BPIX=BPIX, BW=BW, num_warps=NUM_WARPS)
     _rowsum(ws, out, 1.0 / (H * W))
 
 
 def pool_backward(g, dy, H: int, W: int, scale_h: float, scale_w: float, *, bp=None) -> None:
     """dy ``[B, C, h, w]`` = adjoint of mean_hw∘up applied to g ``[B, C]``."""
     B, C, h, w = dy.shape
-    BP, BPIX = _config(BWD_CONFIGS, h * w, B * C, bp)
-    grid = (triton.cdiv(h * w, BPIX), triton.cdiv(B * C, BP))
+    BP, BPIX, BW, n_tw = _config(BWD_CONFIGS, h, w, B * C, bp)
+    grid = (triton.cdiv(h, BPIX // BW) * n_tw, triton.cdiv(B * C, BP))
     _selective_pool_bwd_kernel[grid](
-        g, dy, B * C, C, H, W, h, w, scale_h, scale_w, 1.0 / (H * W), *g.stride(), *dy.stride(),
-        BP=BP, BPIX=BPIX, num_warps=NUM_WARPS)
+        g, dy, B * C, C, H, W, h, w, scale_h, scale_w, 1.0 / (H * W), *g.stride(), *dy.stride(), n_tw,
+        BP=BP, BPIX=BPIX, BW=BW, num_warps=NUM_WARPS)
 
 
 def fuse_forward(x, y, a, out, scale_h: float, scale_w: float, *, bp=None) -> None:
     """out (x's shape) = a0·x + a1·up(y); a ``[B, 2, C]`` fp32."""
     B, C, H, W = x.shape
     h, w = y.shape[-2:]
-    BP, BPIX = _config(FWD_CONFIGS, H * W, B * C, bp)
-    grid = (triton.cdiv(H * W, BPIX), triton.cdiv(B * C, BP))
+    BP, BPIX, BW, n_tw = _config(FWD_CONFIGS, H, W, B * C, bp)
+    grid = (triton.cdiv(H, BPIX // BW) * n_tw, triton.cdiv(B * C, BP))
     _selective_fuse_fwd_kernel[grid](
         x, y, a, out, B * C, C, H, W, h, w, scale_h, scale_w, *x.stride(), *y.stride(), *out.stride(),
-        *a.stride(), BP=BP, BPIX=BPIX, num_warps=NUM_WARPS)
+        *a.stride(), n_tw, BP=BP, BPIX=BPIX, BW=BW, num_warps=NUM_WARPS)
 
 
 def fuse_backward(g, x, y, a, dx, dy, da, scale_h: float, scale_w: float, kh: int, kw: int, *,
@@ -324,14 +325,14 @@ def fuse_backward(g, x, y, a, dx, dy, da, scale_h: float, scale_w: float, kh: in
     B, C, H, W = x.shape
     h, w = y.shape[-2:]
     planes = B * C
-    BP, BPIX = _config(BWD_CONFIGS, h * w, planes, bp)
+    BP, BPIX, BW, n_tw = _config(BWD_CONFIGS, h, w, planes, bp)
     groups = triton.cdiv(planes, BP)
-    n_split, per = _split(groups, triton.cdiv(h * w, BPIX), target_programs, split)
+    n_split, per = _split(groups, triton.cdiv(h, BPIX // BW) * n_tw, target_programs, split)
     ws = torch.empty(B * 2 * C, n_split, device=x.device, dtype=torch.float32)
     _selective_fuse_bwd_kernel[(groups, n_split)](
         g, x, y, a, dx, dy, ws, planes, C, H, W, h, w, scale_h, scale_w, kh, kw,
-        *g.stride(), *x.stride(), *y.stride(), *dx.stride(), *dy.stride(), *a.stride(), n_split, per,
-        BP=BP, BPIX=BPIX, num_warps=NUM_WARPS)
+        *g.stride(), *x.stride(), *y.stride(), *dx.stride(), *dy.stride(), *a.stride(), n_tw, n_split, per,
+        BP=BP, BPIX=BPIX, BW=BW, num_warps=NUM_WARPS)
     _rowsum(ws, da, 1.0)
 
 
@@ -346,7 +347,7 @@ def compile_specs():
 
     sizes = {"n_planes": i32, "C": i32, "H": i32, "W": i32, "h": i32, "w": i32, "scale_h": f32, "scale_w": f32}
     a_strides = {"sab": i32, "sak": i32, "sac": i32}
-    tile = {"BP": "constexpr", "BPIX": "constexpr"}
+    tile = {"BP": "constexpr", "BPIX": "constexpr", "BW": "constexpr"}
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         p = f"*{dt}"
@@ -356,28 +357,30 @@ def compile_specs():
              "BLOCK_R": "constexpr", "BLOCK_S": "constexpr"},
             {"BLOCK_R": ROWSUM_BLOCK_R, "BLOCK_S": ROWSUM_BLOCK_S}, num_warps=NUM_WARPS,
             label=f"rowsum {dt} BLOCK_R={ROWSUM_BLOCK_R} BLOCK_S={ROWSUM_BLOCK_S}"))
-        for bp, bpix in FWD_CONFIGS:
-            cfg = {"BP": bp, "BPIX": bpix}
+        for bp, bpix, bw in FWD_CONFIGS:
+            cfg = {"BP": bp, "BPIX": bpix, "BW": bw}
             specs.append(CompileSpec(
                 _selective_pool_fwd_kernel,
                 {"x_ptr": p, "y_ptr": p, "ws_ptr": "*fp32", **sizes, **strides("sx"), **strides("sy"),
-                 "n_split": i32, "tiles_per_split": i32, **tile},
-                cfg, num_warps=NUM_WARPS, label=f"pool fwd {dt} BP={bp} BPIX={bpix}"))
+                 "n_tw": i32, "n_split": i32, "tiles_per_split": i32, **tile},
+                cfg, num_warps=NUM_WARPS, label=f"pool fwd {dt} BP={bp} BPIX={bpix} BW={bw}"))
             specs.append(CompileSpec(
                 _selective_fuse_fwd_kernel,
                 {"x_ptr": p, "y_ptr": p, "a_ptr": "*fp32", "o_ptr": p, **sizes, **strides("sx"), **strides("sy"),
-                 **strides("so"), **a_strides, **tile},
-                cfg, num_warps=NUM_WARPS, label=f"fuse fwd {dt} BP={bp} BPIX={bpix}"))
-        for bp, bpix in BWD_CONFIGS:
-            cfg = {"BP": bp, "BPIX": bpix}
+                 **strides("so"), **a_strides, "n_tw": i32, **tile},
+                cfg, num_warps=NUM_WARPS, label=f"fuse fwd {dt} BP={bp} BPIX={bpix} BW={bw}"))
+        for bp, bpix, bw in BWD_CONFIGS:
+            cfg = {"BP": bp, "BPIX": bpix, "BW": bw}
             specs.append(CompileSpec(
                 _selective_pool_bwd_kernel,
-                {"g_ptr": p, "dy_ptr": p, **sizes, "inv_hw": f32, "sgb": i32, "sgc": i32, **strides("sd"), **tile},
-                cfg, num_warps=NUM_WARPS, label=f"pool bwd {dt} BP={bp} BPIX={bpix}"))
+                {"g_ptr": p, "dy_ptr": p, **sizes, "inv_hw": f32, "sgb": i32, "sgc": i32, **strides("sd"),
+                 "n_tw": i32, **tile},
+                cfg, num_warps=NUM_WARPS, label=f"pool bwd {dt} BP={bp} BPIX={bpix} BW={bw}"))
             specs.append(CompileSpec(
                 _selective_fuse_bwd_kernel,
                 {"g_ptr": p, "x_ptr": p, "y_ptr": p, "a_ptr": "*fp32", "dx_ptr": p, "dy_ptr": p, "ws_ptr": "*fp32",
                  **sizes, "KH": i32, "KW": i32, **strides("sg"), **strides("sx"), **strides("sy"),
-                 **strides("sdx"), **strides("sdy"), **a_strides, "n_split": i32, "tiles_per_split": i32, **tile},
-                cfg, num_warps=NUM_WARPS, label=f"fuse bwd {dt} BP={bp} BPIX={bpix}"))
+                 **strides("sdx"), **strides("sdy"), **a_strides, "n_tw": i32, "n_split": i32,
+                 "tiles_per_split": i32, **tile},
+                cfg, num_warps=NUM_WARPS, label=f"fuse bwd {dt} BP={bp} BPIX={bpix} BW={bw}"))
     return specs
