@@ -1,0 +1,237 @@
+"""The TransKD distiller, and :class:`Distiller`, the contract every distiller follows.
+
+A distiller owns a trainable student, a frozen teacher and its KD modules. Calling it with
+``(images, labels)`` runs both networks and returns the loss terms::
+
+    out = distiller(images, labels)   # images [B, 3, H, W]; labels [B, H/4, W/4] train ids
+    out["loss"].backward()            # = ce + Σ the KD terms
+    out["ce"], out["feature"], out["embed"], (out["logit"]), out["logits"]
+
+``logits`` are the student's ``[B, K, H/4, W/4]``, the very tensor the CE was computed on
+(not detached). ``feature`` and ``embed`` are always present (a zero tensor
+for a distiller without that term) so that logging code can rely on the keys; ``logit`` is
+present only when a logit term is configured.
+
+The teacher is frozen: ``requires_grad=False``, always in eval mode (``.train()`` on the
+distiller leaves it in eval), run under ``torch.no_grad()``, and it runs only what the losses
+consume: without a logit term only ``teacher.backbone(images)`` is evaluated, never its
+decode head (the original ran the full teacher and threw its logits away).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from transkd_fast.distill.csf import CSF
+from transkd_fast.distill.ea import EmbeddingAssistant
+from transkd_fast.distill.gl_mixer import GLMixer
+from transkd_fast.distill.losses import (
+    FEATURE_LOSSES,
+    check_stage_pairs,
+    embedding_loss,
+    feature_loss,
+    logit_loss,
+    segmentation_ce,
+)
+from transkd_fast.distill.pea import PEA
+
+VARIANTS = ("base", "gl", "ea")
+LOGIT_LOSSES = (None, "kl")
+
+
+def _stage_dims(model: nn.Module, who: str) -> list[int]:
+    dims = getattr(model, "embed_dims", None)
+    if dims is None:
+        raise TypeError(f"the {who} ({type(model).__name__}) has no `embed_dims`: a distiller needs a "
+                        "transkd_fast SegFormer-style model (stage widths in `embed_dims`)")
+    return [int(d) for d in dims]
+
+
+class Distiller(nn.Module):
+    """Base of every distiller: freezing, the CE, the input checks and the forward contract.
+
+    Subclasses set ``uses_teacher_logits`` and implement :meth:`distill_terms`, which gets the
+    student's and the teacher's outputs and returns the KD terms (already weighted) by name.
+
+    ``class_weights``: per-class CE weights (length = the student's ``num_classes``), e.g.
+    :data:`~transkd_fast.distill.losses.CITYSCAPES_CLASS_WEIGHTS` for the paper's recipe (void id
+    19 weighted 0); ``None`` = uniform. ``ignore_index``: label value left out of the CE.
+    """
+
+    uses_teacher_logits: bool = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, class_weights: Optional[Sequence[float]] = None,
+                 ignore_index: int = 255) -> None:
+        super().__init__()
+        if student is teacher:
+            raise ValueError("student and teacher must be two different modules")
+        self.student_dims = _stage_dims(student, "student")
+        self.teacher_dims = _stage_dims(teacher, "teacher")
+        if len(self.student_dims) != len(self.teacher_dims):
+            raise ValueError(f"student and teacher have different stage counts: {len(self.student_dims)} "
+                             f"(embed_dims {self.student_dims}) vs {len(self.teacher_dims)} "
+                             f"(embed_dims {self.teacher_dims}); they must match stage for stage")
+        self.student = student
+        self.teacher = teacher
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.ignore_index = int(ignore_index)
+        if class_weights is not None:
+            w = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+            k = getattr(student, "num_classes", None)
+            if k is not None and w.numel() != k:
+                raise ValueError(f"class_weights has {w.numel()} entries but the student has {k} outputs")
+            self.register_buffer("class_weights", w, persistent=False)
+        else:
+            self.register_buffer("class_weights", None, persistent=False)
+
+    # -- freezing ------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def student_model(self) -> nn.Module:
+        """The plain deployable student (no KD modules attached)."""
+        return self.student
+
+    def kd_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.named_children():
+            if name not in ("student", "teacher"):
+                yield name, module
+
+    def kd_parameters(self) -> Iterator[nn.Parameter]:
+        """The KD modules' parameters (CSF, PEA, GL-Mixer, EA, aligners...)."""
+        for _, module in self.kd_modules():
+            yield from module.parameters()
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student + KD-module parameters: what the optimizer trains (the teacher is excluded)."""
+        for p in self.student.parameters():
+            if p.requires_grad:
+                yield p
+        for p in self.kd_parameters():
+            if p.requires_grad:
+                yield p
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a floating [B, C, H, W] tensor, got {shape}")
+
+    def _check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
+        if labels.dim() == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        B, _, h, w = logits.shape
+        if tuple(labels.shape) != (B, h, w):
+            raise ValueError(f"labels must have shape [B, h, w] = {[B, h, w]} (the student logits' size, 1/4 of "
+                             f"the input; resize labels with nearest), got {list(labels.shape)}")
+        return labels.long()
+
+    def run_teacher(self, images: torch.Tensor):
+        """(stage maps, logits or None, patch embeddings) of the frozen teacher, without grad."""
+        with torch.no_grad():
+            if self.uses_teacher_logits:
+                feats, logits, embeds = self.teacher(images, return_features=True)
+            else:
+                feats, embeds = self.teacher.backbone(images)
+                logits = None
+        return feats, logits, embeds
+
+    def distill_terms(self, images, s_feats, s_logits, s_embeds, t_feats, t_logits, t_embeds) -> dict:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check_images(images)
+        s_feats, s_logits, s_embeds = self.student(images, return_features=True)
+        labels = self._check_labels(labels, s_logits)
+        t_feats, t_logits, t_embeds = self.run_teacher(images)
+        check_stage_pairs("stage maps", s_feats, t_feats, spatial_dims=2, compare_channels=False)
+        check_stage_pairs("patch embeddings", s_embeds, t_embeds, spatial_dims=1, compare_channels=False)
+        if t_logits is not None and t_logits.shape != s_logits.shape:
+            raise ValueError(f"student logits {tuple(s_logits.shape)} and teacher logits {tuple(t_logits.shape)} "
+                             "differ: a logit loss needs the same classes and output size")
+        terms = self.distill_terms(images, s_feats, s_logits, s_embeds, t_feats, t_logits, t_embeds)
+        ce = segmentation_ce(s_logits, labels, self.class_weights, self.ignore_index)
+        loss = ce
+        for v in terms.values():
+            loss = loss + v
+        zero = ce.new_zeros(())
+        out = {"loss": loss, "ce": ce, "feature": terms.get("feature", zero), "embed": terms.get("embed", zero)}
+        out.update({k: v for k, v in terms.items() if k not in out})
+        out["logits"] = s_logits
+        return out
+
+
+class TransKD(Distiller):
+    """TransKD (Liu et al., arXiv 2202.13393): CSF + feature loss + PEA + embedding MSE.
+
+    ``variant``: ``"base"`` (CSF + HCL + PEA), ``"gl"`` (+ GL-Mixer on the stage-4 embedding,
+    before PEA), ``"ea"`` (+ Embedding Assistant after PEA). ``feature_loss``: ``"hcl"`` (the
+    paper), ``"cwd"`` (channel-wise KL per stage, summed) or ``"kl"`` (pixel-wise KL per stage,
+    summed); ``temperature`` is used by the KL terms. ``embed_weights``: the stage weights of the
+    embedding MSE. ``logit_loss``: ``None`` (the paper) or ``"kl"`` (pixel-wise KD on the logits,
+    × ``logit_weight``; the only case where the teacher's decode head runs).
+
+    Total: ``ce + feature_weight · feature + embed (+ logit_weight · logit)``.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, variant: str = "base", feature_loss: str = "hcl",
+                 embed_weights: Sequence[float] = (0.1, 0.1, 0.5, 1.0), temperature: float = 1.0,
+                 logit_loss: Optional[str] = None, class_weights: Optional[Sequence[float]] = None,
+                 ignore_index: int = 255, feature_weight: float = 1.0, logit_weight: float = 1.0,
+                 mid_channels: int = 64, gl_heads: int = 8, gl_residual: bool = False) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown TransKD variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        if feature_loss not in FEATURE_LOSSES:
+            raise ValueError(f"unknown feature_loss {feature_loss!r}; choose one of {', '.join(FEATURE_LOSSES)}")
+        if logit_loss not in LOGIT_LOSSES:
+            raise ValueError(f"unknown logit_loss {logit_loss!r}; choose None or 'kl'")
+        super().__init__(student, teacher, class_weights=class_weights, ignore_index=ignore_index)
+        if len(embed_weights) != len(self.student_dims):
+            raise ValueError(f"embed_weights has {len(embed_weights)} entries for {len(self.student_dims)} stages")
+        self.variant = variant
+        self.feature_kind = feature_loss
+        self.embed_weights = tuple(float(w) for w in embed_weights)
+        self.temperature = float(temperature)
+        self.logit_kind = logit_loss
+        self.feature_weight = float(feature_weight)
+        self.logit_weight = float(logit_weight)
+        self.uses_teacher_logits = logit_loss is not None
+        self.csf = CSF(self.student_dims, self.teacher_dims, mid_channels)
+        self.pea = PEA(self.student_dims, self.teacher_dims)
+        if variant == "gl":
+            self.gl_mixer = GLMixer(self.student_dims[-1], num_heads=gl_heads, residual=gl_residual)
+        if variant == "ea":
+            self.ea = EmbeddingAssistant(self.student_dims, self.teacher_dims)
+
+    def align_embeddings(self, images: torch.Tensor, s_feats: Sequence[torch.Tensor],
+                         s_embeds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The student embeddings as compared with the teacher's (GL-Mixer / PEA / EA per variant)."""
+        embeds = list(s_embeds)
+        if self.variant == "gl":
+            embeds[-1] = self.gl_mixer(embeds[-1])
+        aligned = self.pea(embeds)
+        if self.variant == "ea":
+            aligned = self.ea(images, s_feats, aligned)
+        return aligned
+
+    def distill_terms(self, images, s_feats, s_logits, s_embeds, t_feats, t_logits, t_embeds) -> dict:
+        fused = self.csf(s_feats)
+        terms = {
+            "feature": self.feature_weight * feature_loss(self.feature_kind, fused, t_feats, self.temperature),
+            "embed": embedding_loss(self.align_embeddings(images, s_feats, s_embeds), t_embeds, self.embed_weights),
+        }
+        if self.logit_kind is not None:
+            terms["logit"] = self.logit_weight * logit_loss(s_logits, t_logits, self.temperature)
+        return terms
