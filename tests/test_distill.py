@@ -196,11 +196,15 @@ def test_one_step_updates_student_and_kd_not_teacher(teacher_b2):
     assert kd.student.training and not kd.teacher.training
     assert not any(m.training for m in kd.teacher.modules())
     assert not any(p.requires_grad for p in kd.teacher.parameters())
+    grad_modes = []
+    handle = teacher.backbone.register_forward_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     before = {id(p): p.detach().clone() for p in kd.trainable_parameters()}
     opt = torch.optim.AdamW(kd.trainable_parameters(), lr=1e-3)
 
     out = kd(*_batch(2))
+    handle.remove()
+    assert grad_modes == [False], "the teacher must run under no_grad"
     opt.zero_grad()
     out["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -259,6 +263,17 @@ def test_every_distiller_forward_backward(kind, kw, teacher):
         assert out["embed"].item() > 0
 
 
+def test_autocast_bf16_runs(teacher):
+    """Under autocast the student's maps are bf16 and the teacher's LayerNorm outputs fp32: the
+    losses promote to one dtype and return fp32 scalars."""
+    kd = TransKD(_student(), teacher, variant="ea", logit_loss="kl")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kd(*_batch(2))
+    assert all(out[k].dtype == torch.float32 and torch.isfinite(out[k]) for k in ("loss", "ce", "feature", "embed"))
+    out["loss"].backward()
+    assert kd.csf.stages[0].conv1[0].weight.grad is not None
+
+
 def test_batch_one_runs_and_uses_fc1(teacher):
     kd = TransKD(_student(), teacher)
     out = kd(*_batch(1))
@@ -273,6 +288,11 @@ def test_batch_one_runs_and_uses_fc1(teacher):
 class _ThreeStages(nn.Module):
     embed_dims = [64, 128, 320]
     num_classes = NUM_CLASSES
+
+
+class _NineteenClasses(nn.Module):
+    embed_dims = [64, 128, 320, 512]
+    num_classes = 19
 
 
 class _Shrunk(nn.Module):
@@ -296,6 +316,9 @@ def test_bad_inputs(teacher):
         TransKD(_student(), teacher, feature_loss="mse")
     with pytest.raises(ValueError, match="unknown distiller"):
         build_distiller("fitnet", _student(), teacher)
+    with pytest.raises(ValueError, match="a logit loss needs the same classes: the student has 20 outputs, the "
+                                         "teacher 19"):
+        TransKD(_student(), _NineteenClasses(), logit_loss="kl")
     with pytest.raises(ValueError, match="class_weights has 19 entries but the student has 20"):
         TransKD(_student(), teacher, class_weights=CITYSCAPES_CLASS_WEIGHTS[:19])
 

@@ -208,6 +208,10 @@ class TransKD(Distiller):
         self.feature_weight = float(feature_weight)
         self.logit_weight = float(logit_weight)
         self.uses_teacher_logits = logit_loss is not None
+        if self.uses_teacher_logits and getattr(student, "num_classes", None) != getattr(teacher, "num_classes", None):
+            raise ValueError(f"a logit loss needs the same classes: the student has "
+                             f"{getattr(student, 'num_classes', '?')} outputs, the teacher "
+                             f"{getattr(teacher, 'num_classes', '?')}")
         self.csf = CSF(self.student_dims, self.teacher_dims, mid_channels)
         self.pea = PEA(self.student_dims, self.teacher_dims)
         if variant == "gl":
