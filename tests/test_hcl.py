@@ -98,13 +98,14 @@ def _check_fp32(shapes, backend, ft_grad=True, make=None):
         assert_close_rel(g, r, 1e-5, f"{backend} grad {i} {shapes}")
 
 
-SMALL = [(2, 3, 4, 8), (2, 3, 3, 5), (2, 3, 13, 27), (1, 2, 2, 3), (1, 2, 1, 6), (1, 2, 9, 1)]
+SMALL = [(2, 3, 4, 8), (2, 3, 3, 5), (2, 3, 13, 27), (1, 2, 2, 3), (1, 2, 1, 6), (1, 2, 9, 1), (2, 3, 8, 12)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_small_stages_fp32(backend):
     # 4×8 and 3×5 skip l = 4 (H ≤ 4); 13×27 has overlapping bins; 2×3 keeps only l = 1;
-    # 1×6 keeps no level; 9×1 pools a single column into 4 overlapping bins.
+    # 1×6 keeps no level; 9×1 pools a single column into 4 overlapping bins; 8×12 takes the torch
+    # backend's grid path (H, W divisible by 4).
     _check_fp32(SMALL, backend)
 
 

@@ -18,9 +18,10 @@ Backends:
 
 - ``reference``: the original's eager ops (one ``mse_loss`` and two ``adaptive_avg_pool2d``
   per level per stage) in fp32 math; plain ATen ops, autograd by PyTorch.
-- ``torch``: the custom op ``transkd_fast::hcl_loss`` over fast eager ops: pooling is linear,
-  so d = fs − ft is pooled once per level; backward rebuilds d and spreads the pooled terms
-  with ``_adaptive_avg_pool2d_backward``.
+- ``torch``: the custom op ``transkd_fast::hcl_loss`` over fast eager ops. Maps divisible by 4
+  (every TransKD stage) take one ``mse_loss`` and one 4×4 pooling per map (the coarser levels
+  are exact means of the 4×4 grid) and a backward of two fused multiply-adds; other maps pool
+  d = fs − ft per level and spread with ``_adaptive_avg_pool2d_backward``.
 - ``triton``: the same custom op over ``transkd_fast.kernels.hcl``: per stage one forward
   launch reading fs and ft once (Σd² and every bin sum), one reduction over all stages, and
   one backward launch per stage writing ∂/∂fs (and ∂/∂ft = −∂/∂fs when ft requires grad).
@@ -119,44 +120,72 @@ def _on_device(t: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------
-# torch backend: fast eager, one pass of pooling over d per level.
+# torch backend: fast eager. Pooling is linear, so the pooled terms come from pool(d).
+#
+# Grid path (H, W divisible by 4, H > 4, contiguous maps: every TransKD stage): the bins of
+# l = 2 and l = 1 are unions of equal l = 4 bins, so one 4×4 pooling of each map gives every
+# level; backward is one 4×4 coefficient grid broadcast over the blocks of fs and ft, written
+# by two fused multiply-adds (no d, no per-level upsampling).
+
+
+def _grid_path(fs, ft) -> bool:
+    H, W = fs.shape[-2:]
+    return H > 4 and H % 4 == 0 and W % 4 == 0 and fs.is_contiguous() and ft.is_contiguous()
 
 
 def _torch_forward(fs_list, ft_list):
     acc = _acc_dtype(fs_list[0].dtype)
-    loss = fs_list[0].new_zeros((), dtype=acc)
-    pooled = []
+    terms, pooled = [], []
     for fs, ft in zip(fs_list, ft_list):
         N, C, H, W = fs.shape
-        d = fs.to(acc) - ft.to(acc)
+        fs, ft = fs.to(acc), ft.to(acc)
         c0, cl = _stage_coefs(fs.shape)
-        loss = loss + c0 * d.square().sum()
-        slots = d.new_zeros(N * C, SLOTS)
+        slots = fs.new_zeros(N * C, SLOTS)
+        if _grid_path(fs, ft):
+            terms.append(F.mse_loss(fs, ft, reduction="sum") * c0)
+            p4 = F.adaptive_avg_pool2d(fs, 4) - F.adaptive_avg_pool2d(ft, 4)
+            levels = {4: p4, 2: p4.view(N, C, 2, 2, 2, 2).mean((3, 5)), 1: p4.mean((2, 3))}
+        else:
+            d = fs - ft
+            terms.append(d.square().sum() * c0)
+            levels = {lv: F.adaptive_avg_pool2d(d, (lv, lv)) for lv in cl}
         for lv, c in cl.items():
-            p = F.adaptive_avg_pool2d(d, (lv, lv))
-            loss = loss + c * p.square().sum()
-            slots[:, _SLOT_OF_LEVEL[lv]:_SLOT_OF_LEVEL[lv] + lv * lv] = p.reshape(N * C, lv * lv)
+            p = levels[lv].reshape(N * C, lv * lv)
+            terms.append(p.square().sum() * c)
+            slots[:, _SLOT_OF_LEVEL[lv]:_SLOT_OF_LEVEL[lv] + lv * lv] = p
         pooled.append(slots.reshape(-1))
-    return loss, torch.cat(pooled)
+    return torch.stack(terms).sum(), torch.cat(pooled)
 
 
 def _torch_backward(grad, fs_list, ft_list, pooled, need_ft):
     acc = _acc_dtype(fs_list[0].dtype)
+    grad = grad.to(acc)
     gfs, gft, off = [], [], 0
-    for fs, ft, want_ft in zip(fs_list, ft_list, need_ft):
-        N, C, H, W = fs.shape
-        d = fs.to(acc) - ft.to(acc)
+    for fs_in, ft_in, want_ft in zip(fs_list, ft_list, need_ft):
+        N, C, H, W = fs_in.shape
+        fs, ft = fs_in.to(acc), ft_in.to(acc)
         c0, cl = _stage_coefs(fs.shape)
         slots = pooled[off:off + N * C * SLOTS].view(N * C, SLOTS)
         off += N * C * SLOTS
-        g = d * (2.0 * c0)
-        for lv, c in cl.items():
-            p = slots[:, _SLOT_OF_LEVEL[lv]:_SLOT_OF_LEVEL[lv] + lv * lv].reshape(N, C, lv, lv)
-            g = g + torch.ops.aten._adaptive_avg_pool2d_backward(p * (2.0 * c), d)
-        g = g * grad.to(acc)
-        gfs.append(g.to(fs.dtype))
+        level = {lv: slots[:, _SLOT_OF_LEVEL[lv]:_SLOT_OF_LEVEL[lv] + lv * lv].reshape(N, C, lv, lv) for lv in cl}
+        # ∂loss/∂(pooled mean) = 2·c_l·P; spread over a bin: ÷ its area.
+        if _grid_path(fs, ft):
+            q = level[4] * (2.0 * cl[4] * 16 / (H * W))
+            q = q + (level[2] * (2.0 * cl[2] * 4 / (H * W))).repeat_interleave(2, 2).repeat_interleave(2, 3)
+            q = (q + level[1] * (2.0 * cl[1] / (H * W))) * grad
+            a0 = grad * (2.0 * c0)
+            blocks = (N, C, 4, H // 4, 4, W // 4)
+            g = torch.addcmul(q.view(N, C, 4, 1, 4, 1), fs.view(blocks), a0)
+            g = g.addcmul_(ft.view(blocks), a0, value=-1.0).view(N, C, H, W)
+        else:
+            d = fs - ft
+            g = d * (2.0 * c0)
+            for lv, c in cl.items():
+                g = g + torch.ops.aten._adaptive_avg_pool2d_backward(level[lv] * (2.0 * c), d)
+            g = g * grad
+        gfs.append(g.to(fs_in.dtype))
         if want_ft:
-            gft.append((-g).to(ft.dtype))
+            gft.append((-g).to(ft_in.dtype))
     return gfs + gft
 
 
