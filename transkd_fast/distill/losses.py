@@ -32,8 +32,8 @@ def check_stage_pairs(what: str, student: Sequence[torch.Tensor], teacher: Seque
                       spatial_dims: int, compare_channels: bool = True) -> None:
     """Raise ``ValueError`` naming the stage when the student/teacher lists do not pair up.
 
-    ``spatial_dims``: how many trailing dims (NCHW maps: 2) or leading token dims
-    (``[B, N, C]`` embeddings: 1, the N) must agree.
+    ``spatial_dims``: 2 for NCHW maps (H and W must agree), 1 for ``[B, N, C]`` embeddings (N
+    must agree). ``compare_channels``: also require equal shapes (for already-aligned pairs).
     """
     if len(student) != len(teacher):
         raise ValueError(f"{what}: the student gives {len(student)} stages, the teacher {len(teacher)}; "
