@@ -83,26 +83,53 @@ def test_fp32_matches_float64_reference(backend, case):
         assert_close_rel(got, ref, 1e-5, f"fuse {what}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [(3, 64, 15, 31, 8, 16), (1, 4, 64, 128, 32, 64)], ids=["odd", "x2"])
-def test_low_precision_within_twice_torch_error(case, dtype):
+@pytest.mark.parametrize("case", [(3, 64, 15, 31, 8, 16), (1, 64, 32, 64, 16, 32)], ids=["odd", "x2"])
+def test_fp16_within_twice_torch_error(case):
+    # C = 64 planes at least: pool and da have B·C values, and with a handful of values the
+    # comparison measures rounding luck, not accuracy.
     B, C, H, W, h, w = case
     x, y, a = _inputs(*case)
     gp, gf = torch.randn(B, C, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
     ref_p, ref_pg = _run(selective_pool_reference, (x, y), gp)
     ref_f, ref_fg = _run(selective_fuse_reference, (x, y, a), gf)
-    low = [t.to(dtype) for t in (x, y, a)]
-    # PyTorch's own error: the eager reference computed in the same dtype.
+    low = [t.half() for t in (x, y, a)]
+    # PyTorch's own error: the eager reference computed in fp16.
     tp, tpg = _run(selective_pool_reference, low[:2], gp)
     tf, tfg = _run(selective_fuse_reference, low, gf)
     op, opg = _run(lambda *t: selective_pool(*t, backend="triton"), low[:2], gp)
     of, ofg = _run(lambda *t: selective_fuse(*t, backend="triton"), low, gf)
-    assert op.dtype == dtype and of.dtype == dtype and ofg[2].dtype == dtype
+    assert op.dtype == torch.float16 and of.dtype == torch.float16 and ofg[2].dtype == torch.float16
     assert_low_precision_ok(op, tp, ref_p, "pool")
     assert_low_precision_ok(of, tf, ref_f, "fuse")
     for got, theirs, ref, what in zip(opg + ofg, tpg + tfg, ref_pg + ref_fg,
                                       ("pool dx", "pool dy", "fuse dx", "fuse dy", "fuse da")):
         assert_low_precision_ok(got, theirs, ref, what)
+
+
+def test_bf16_storage_path_is_fp32_math_then_one_cast():
+    """bf16 in the interpreter: loads widen exactly and the math is fp32, so every kernel output
+    must equal the fp32 run on the same (bf16-valued) inputs cast once to bf16. The interpreter
+    casts fp32 → bf16 by truncation (the GPU rounds to nearest), so that is the cast compared
+    against; a 2×-torch-error test would measure the interpreter's cast, not the kernels."""
+    B, C, H, W, h, w = 3, 64, 15, 31, 8, 16
+    x, y, a = (t.bfloat16() for t in _inputs(B, C, H, W, h, w))
+    gp, gf = torch.randn(B, C).bfloat16(), torch.randn(B, C, H, W).bfloat16()
+
+    def trunc(t32):
+        return (t32.contiguous().view(torch.int32) >> 16).to(torch.int16)
+
+    def outputs(dt):
+        xs, ys, as_ = (t.to(dt).requires_grad_() for t in (x, y, a))
+        p = selective_pool(xs, ys, backend="triton")
+        o = selective_fuse(xs, ys, as_, backend="triton")
+        p_dy = torch.autograd.grad(p, ys, gp.to(dt))[0]
+        dx, dy, da = torch.autograd.grad(o, (xs, ys, as_), gf.to(dt))
+        return p, p_dy, o, dx, dy, da
+
+    for got, want, what in zip(outputs(torch.bfloat16), outputs(torch.float32),
+                               ("pool", "pool dy", "fuse", "fuse dx", "fuse dy", "fuse da")):
+        assert got.dtype == torch.bfloat16, what
+        assert torch.equal(got.contiguous().view(torch.int16), trunc(want)), what
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
