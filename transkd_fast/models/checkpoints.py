@@ -109,10 +109,8 @@ def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+def _strip_module(key: str, all_wrapped: bool) -> str:
+    return key[len("module."):] if all_wrapped else key
 
 
 def _from_hf(key: str) -> Optional[str]:
@@ -157,6 +155,7 @@ def _from_nvlabs(key: str) -> str:
 def _is_ignorable(original: str, ours: str, model: nn.Module) -> bool:
     from transkd_fast.models.segformer import SegFormer
 
+    original = original.removeprefix("module.")
     if original in ("head.weight", "head.bias") or original.startswith("classifier."):
         return True  # ImageNet classification heads (NVlabs/PVT mit files, HF ForImageClassification)
     return isinstance(model, SegFormer) and ours.startswith("decode_head.conv_seg.")
@@ -168,18 +167,19 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
     Returns ``(tensors, origin, format)``: ``origin`` maps each new name to the checkpoint
     name(s) it came from; HF key/value pairs are fused into ``attn.kv``.
     """
-    sd = _strip_module(dict(sd))
+    wrapped = bool(sd) and all(k.startswith("module.") for k in sd)  # DataParallel
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     hf = False
-    for key, value in sd.items():
+    for original, value in sd.items():
+        key = _strip_module(original, wrapped)
         ours = _from_hf(key)
         if ours is not None:
             hf = True
         else:
             ours = _from_nvlabs(key)
         out[ours] = value
-        origin[ours] = key
+        origin[ours] = original
     for k_name in [k for k in out if ".attn.k." in k]:
         v_name = k_name.replace(".attn.k.", ".attn.v.")
         if v_name not in out:
