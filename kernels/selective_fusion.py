@@ -9,7 +9,8 @@ Per (b, c) plane, with x ``[B, C, H, W]``, y_low ``[B, C, h, w]``, a ``[B, 2, C]
 
 Backward (g = grad of the output)::
 
-    pool:  dx = g / HW (broadcast),  dy_low[i, j] = g / HW · |rows(i)| · |cols(j)|
+    pool:  dx = g / HW (broadcast; the op returns a stride-0 view, no kernel),
+           dy_low[i, j] = g / HW · |rows(i)| · |cols(j)|
     fuse:  dx = a0 · g,  dy_low[i, j] = a1 · G[i, j],  da0 = Σ_hw g · x,  da1 = Σ_ij G · y_low
            with G[i, j] = Σ_{r ∈ rows(i), q ∈ cols(j)} g[r, q]    (adjoint of up)
 
@@ -56,7 +57,10 @@ def _nearest_src(dst, n_in, scale):
 @triton.jit
 def _first_dst(i, n_in, n_out, scale):
     # Smallest dst with src(dst) >= i. Exact arithmetic gives ceil(i·n_out/n_in); the fp32
-    # rounding in src() can move the boundary by one either way, so test both neighbours.
+    # rounding in src() can move the boundary by one either way, so test both neighbours. One
+    # step is enough for sides up to 8192 (the ops' MAX_SIDE): checked against a brute-force
+    # preimage for every pair of sides below 260×600 and 20 000 random pairs up to 8192; the
+    # downward step is first needed near i·n_out ≈ 2^23 (e.g. 2260 → 6849, in the tests).
     c = (i * n_out + n_in - 1) // n_in
     prev = c - 1
     c = tl.where((prev >= 0) & (_nearest_src(prev, n_in, scale) >= i), prev, c)
