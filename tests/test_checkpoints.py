@@ -184,3 +184,43 @@ def test_files_load_with_weights_only(tmp_path):
     torch.save({"state_dict": src.state_dict(), "obj": _NotATensor()}, unsafe)
     with pytest.raises(pickle.UnpicklingError):
         load_pretrained(build_model("segformer_b0", num_classes=20), unsafe)
+
+
+def test_training_gradients_match_hf():
+    """Backward through our model (in-place residual sums, fused kv, folded head, train-mode BN)
+    equals backward through HF's with the same weights; drop path and dropout off."""
+    hf = SegformerForSemanticSegmentation(SegformerConfig(num_labels=6, drop_path_rate=0.0,
+                                                          classifier_dropout_prob=0.0)).train()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = build_model("segformer_b0", num_classes=6, norm_eps=1e-5, drop_path_rate=0.0, dropout=0.0).train()
+    load_pretrained(model, hf.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    r = torch.randn(2, 6, 16, 16)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    (hf(pixel_values=xs[0]).logits * r).sum().backward()
+    (model(xs[1]) * r).sum().backward()
+    assert_close_rel(xs[1].grad, xs[0].grad, 1e-5, "input gradient")
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    ours = hf_named_grads(model, theirs.keys())
+    assert ours.keys() == theirs.keys()
+    for n in ["segformer.stages.0.blocks.0.attention.k_proj.weight", "segformer.stages.0.blocks.1.mlp.fc1.weight",
+              "segformer.stages.3.blocks.1.attention.v_proj.bias", "segformer.stages.2.patch_embeddings.proj.weight",
+              "decode_head.linear_fuse.weight", "decode_head.linear_projections.1.proj.weight"]:
+        assert_close_rel(ours[n], theirs[n], 1e-4, n)
+    flat = [torch.cat([d[n].flatten() for n in sorted(theirs)]) for d in (ours, theirs)]
+    assert_close_rel(flat[0], flat[1], 1e-5, "all parameter gradients")
+
+
+def hf_named_grads(model, names):
+    """Our parameter gradients under HF names (exported as if they were the weights)."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.grad)
+    grads = to_hf_state_dict(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return {n: g for n, g in grads.items() if n in names}
