@@ -122,10 +122,10 @@ def _index_t(n_in: int, n_out: int, device) -> torch.Tensor:
     return _on_device(("idx", n_in, n_out), lambda: torch.from_numpy(_src_np(n_in, n_out).copy()), device)
 
 
-def _counts_t(n_in: int, n_out: int, device) -> torch.Tensor:
-    """|{d : src(d) = i}| for each source i, as float64 (cast by the caller)."""
-    return _on_device(("cnt", n_in, n_out),
-                      lambda: torch.from_numpy(np.bincount(_src_np(n_in, n_out), minlength=n_in).astype(np.float64)),
+def _counts_t(n_in: int, n_out: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """|{d : src(d) = i}| for each source i (cached per device and dtype)."""
+    return _on_device(("cnt", n_in, n_out, dtype),
+                      lambda: torch.from_numpy(np.bincount(_src_np(n_in, n_out), minlength=n_in)).to(dtype),
                       device)
 
 
@@ -146,8 +146,8 @@ def _torch_pool_forward(x, y):
         ys = y.sum(dim=(2, 3), dtype=acc) * float(kh * kw)
     else:
         # Σ_dst up(y) = Σ_src y · |rows(i)| · |cols(j)|: never upsample.
-        cr = _counts_t(h, H, x.device).to(acc)
-        cc = _counts_t(w, W, x.device).to(acc)
+        cr = _counts_t(h, H, x.device, acc)
+        cc = _counts_t(w, W, x.device, acc)
         ys = torch.matmul(torch.matmul(y.to(acc), cc), cr)
     xs = x.sum(dim=(2, 3), dtype=acc)
     return ((xs + ys) / (H * W)).to(x.dtype)
@@ -161,8 +161,8 @@ def _pool_dx(g, H, W, dtype):
 
 def _torch_pool_backward(g, H, W, h, w):
     acc = _acc_dtype(g.dtype)
-    cr = _counts_t(h, H, g.device).to(acc)
-    cc = _counts_t(w, W, g.device).to(acc)
+    cr = _counts_t(h, H, g.device, acc)
+    cc = _counts_t(w, W, g.device, acc)
     dy = (g.to(acc) / (H * W))[:, :, None, None] * (cr[:, None] * cc[None, :])
     return _pool_dx(g, H, W, g.dtype), dy.to(g.dtype)
 
