@@ -1,24 +1,29 @@
 """Triton kernels of the hierarchical context loss (HCL) of TransKD, one stage per launch.
 
 Per stage, with d = fs − ft of shape ``[N, C, H, W]`` (strided) and the levels of (4, 2, 1)
-that survive the original's skip rule ``l >= H`` (``NUM_LEVELS`` of them, always a tail)::
+that survive the original's skip rule ``l >= H`` (always a tail of the tuple)::
 
     P_l[n, c, i, j] = mean of d[n, c, rows_i, cols_j]       rows_i = [⌊iH/l⌋, ⌈(i+1)H/l⌉), cols_j alike
     loss_stage      = c0 · Σ d²  +  Σ_l c_l · Σ P_l²         c0 = 1/(tot·NCHW), c_l = cnt_l/(tot·NC·l²)
 
 Since pooling is linear, pool(fs) − pool(ft) = pool(d): the forward reads fs and ft once.
+The bins of all levels share one table of 8 slots per axis (4 + 2 + 1 + an empty pad), so a
+tile's bin sums are two masked reductions over [rows, cols, 8] and [rows, 8, 8]; exact
+adaptive-pool bins, which overlap when H or W is not divisible by l.
 
-- ``_hcl_fwd_kernel``: one program per (n, c) plane walks the plane in [BLOCK_H, BLOCK_W]
-  tiles and accumulates Σd² and, per active level, the l×l bin sums (exact adaptive-pool bins,
-  which overlap when H or W is not divisible by l: an element may count in several bins). It
-  writes the pooled means P (21 slots per plane: 16 for l=4, 4 for l=2, 1 for l=1; only the
-  active levels) and the plane's share of loss_stage. The caller sums the shares of every
-  plane of every stage in one reduction; nothing of input size is written.
-- ``_hcl_bwd_kernel``: one program per (plane, block of rows) recomputes d and writes
+- ``_hcl_fwd_kernel``: one program per (n, c) plane, or per row group of it when the planes
+  are too few to fill the GPU, walks its rows in [BLOCK_H, BLOCK_W] tiles accumulating Σd²
+  and every bin sum. A whole plane writes its pooled means P (21 slots: 16 for l = 4, 4 for
+  l = 2, 1 for l = 1; active levels only) and its share of loss_stage; a row group writes
+  partial sums that ``_hcl_combine_kernel`` adds in a fixed order (deterministic) before
+  doing the same. The caller sums the shares of all planes of all stages in one reduction.
+  Nothing of input size is written.
+- ``_hcl_bwd_kernel``: one program per (plane, row group) recomputes d and writes
   ∂loss/∂fs = g · (2·c0·d + Σ_l Σ_{bins ∋ (h,w)} 2·c_l·P_l[i, j] / area_ij), and −that for ft.
 
 Bins are applied with ``tl.where``, never by multiplying with a 0/1 mask, so an inf or NaN
-reaches exactly the bins that contain it, as in the eager reference.
+reaches exactly the bins that contain it, as in the eager reference. The loss coefficients
+are computed in the kernel from N, C, H, W in the accumulation dtype (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -71,11 +76,21 @@ def _bin_table(N, C, H, W, NS: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _finish_plane(acc, sq_sum, used, slot, area, coef, c0, pooled_ptr, share_ptr, plane, ACC: tl.constexpr):
+    """Pooled means of the plane's active bins, and its share c0·Σd² + Σ c_l·P² of the stage loss."""
+    p = acc / area.to(ACC)
+    tl.store(pooled_ptr + plane.to(tl.int64) * 21 + slot, p, mask=used)
+    share = c0 * sq_sum + tl.sum(tl.sum(tl.where(used, coef * p * p, 0.0), axis=1), axis=0)
+    tl.store(share_ptr + plane, share)
+
+
+@triton.jit
 def _hcl_fwd_kernel(
-    fs_ptr, ft_ptr, pooled_ptr, share_ptr,
+    fs_ptr, ft_ptr, pooled_ptr, share_ptr, part_ptr,
     N, C, H, W,
     sfn, sfc, sfh, sfw,
     stn, stc, sth, stw,
+    row_tiles,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
 ):
     NS: tl.constexpr = 8
@@ -89,8 +104,9 @@ def _hcl_fwd_kernel(
     wr = tl.arange(0, BLOCK_W)
     sq = tl.zeros([BLOCK_H, BLOCK_W], ACC)
     acc = tl.zeros([NS, NS], ACC)  # acc[i, j]: Σ d over row bin i × col bin j (cross-level pairs unused)
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + hr
+    group = tl.program_id(1)
+    for r in range(0, row_tiles):
+        h = (group * row_tiles + r) * BLOCK_H + hr
         hm = h < H
         h64 = h.to(tl.int64)
         rm = (h[:, None] >= rs[None, :]) & (h[:, None] < re[None, :])  # [BH, NS] row-bin membership
@@ -107,11 +123,34 @@ def _hcl_fwd_kernel(
             cm = (w[:, None] >= cs[None, :]) & (w[:, None] < ce[None, :])
             per_row = tl.sum(tl.where(cm[None, :, :], d[:, :, None], 0.0), axis=1)  # [BH, NS]
             acc += tl.sum(tl.where(rm[:, :, None], per_row[:, None, :], 0.0), axis=0)
-    p = acc / area.to(ACC)
-    tl.store(pooled_ptr + plane.to(tl.int64) * 21 + slot, p, mask=used)
-    share = c0 * tl.sum(tl.sum(sq, axis=1), axis=0)
-    share += tl.sum(tl.sum(tl.where(used, coef * p * p, 0.0), axis=1), axis=0)
-    tl.store(share_ptr + plane, share)
+    sq_sum = tl.sum(tl.sum(sq, axis=1), axis=0)
+    groups = tl.num_programs(1)
+    if groups == 1:
+        _finish_plane(acc, sq_sum, used, slot, area, coef, c0, pooled_ptr, share_ptr, plane, ACC)
+    else:
+        # Row groups of one plane: partial bin sums (slots 0-20) and Σd² (slot 21), combined
+        # in a fixed order by _hcl_combine_kernel.
+        base = (plane.to(tl.int64) * groups + group) * 22
+        tl.store(part_ptr + base + slot, acc, mask=used)
+        tl.store(part_ptr + base + 21, sq_sum)
+
+
+@triton.jit
+def _hcl_combine_kernel(
+    part_ptr, pooled_ptr, share_ptr,
+    N, C, H, W, groups,
+    ACC: tl.constexpr,
+):
+    NS: tl.constexpr = 8
+    _, _, _, _, used, slot, area, coef, c0 = _bin_table(N, C, H, W, NS, ACC)
+    plane = tl.program_id(0)
+    acc = tl.zeros([NS, NS], ACC)
+    sq_sum = tl.zeros([], ACC)
+    for g in range(0, groups):
+        base = (plane.to(tl.int64) * groups + g) * 22
+        acc += tl.load(part_ptr + base + slot, mask=used, other=0.0)
+        sq_sum += tl.load(part_ptr + base + 21)
+    _finish_plane(acc, sq_sum, used, slot, area, coef, c0, pooled_ptr, share_ptr, plane, ACC)
 
 
 @triton.jit
@@ -172,7 +211,10 @@ def num_levels(H: int) -> int:
 # [BLOCK_H, BLOCK_W] tiles by map width: three shapes keep the compile matrix small. 512 elements,
 # except narrow maps: 16×32 spills on sm_90 (ptxas keeps it at 80 registers), 8×32 does not.
 TILES = ((32, (8, 32)), (64, (8, 64)), (None, (4, 128)))
-BWD_MIN_PROGRAMS = 2048  # backward splits planes into row groups until about this many programs
+# Planes are split into row groups until about this many programs run (4-8 per SM of an H100).
+# In the interpreter the tiles cover whole planes (up to 4096 elements), so larger maps alone split.
+FWD_MIN_PROGRAMS = 1024
+BWD_MIN_PROGRAMS = 2048
 
 
 def _interpreting() -> bool:
@@ -195,18 +237,32 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _row_groups(N: int, C: int, H: int, bh: int, min_programs: int) -> tuple[int, int]:
+    """(groups, row tiles per group): split planes into row groups until about ``min_programs``."""
+    tiles = triton.cdiv(H, bh)
+    groups = max(1, min(tiles, triton.cdiv(min_programs, N * C)))
+    row_tiles = triton.cdiv(tiles, groups)
+    return triton.cdiv(tiles, row_tiles), row_tiles
+
+
 def hcl_stage_forward(fs: torch.Tensor, ft: torch.Tensor, pooled: torch.Tensor, share: torch.Tensor) -> None:
     """One stage: fill ``pooled`` [N·C·21] and ``share`` [N·C] (fp32, or fp64 for fp64 inputs).
 
     ``share.sum()`` is this stage's loss_stage; ``pooled`` holds the pooled means of d that
-    backward needs (only the active levels' slots are written).
+    backward needs (only the active levels' slots are written). Planes too few to fill the
+    GPU are split into row groups whose partial sums a second small launch combines.
     """
     N, C, H, W = fs.shape
     bh, bw = _tile(H, W)
-    _hcl_fwd_kernel[(N * C,)](
-        fs, ft, pooled, share, N, C, H, W, *fs.stride(), *ft.stride(),
-        BLOCK_H=bh, BLOCK_W=bw, ACC=_acc(fs.dtype), num_warps=NUM_WARPS,
+    groups, row_tiles = _row_groups(N, C, H, bh, FWD_MIN_PROGRAMS)
+    part = pooled.new_empty(N * C * groups * 22) if groups > 1 else pooled
+    acc = _acc(fs.dtype)
+    _hcl_fwd_kernel[(N * C, groups)](
+        fs, ft, pooled, share, part, N, C, H, W, *fs.stride(), *ft.stride(), row_tiles,
+        BLOCK_H=bh, BLOCK_W=bw, ACC=acc, num_warps=NUM_WARPS,
     )
+    if groups > 1:
+        _hcl_combine_kernel[(N * C,)](part, pooled, share, N, C, H, W, groups, ACC=acc, num_warps=1)
 
 
 def hcl_stage_backward(grad_out: torch.Tensor, fs: torch.Tensor, ft: torch.Tensor, pooled: torch.Tensor,
@@ -217,10 +273,8 @@ def hcl_stage_backward(grad_out: torch.Tensor, fs: torch.Tensor, ft: torch.Tenso
     """
     N, C, H, W = fs.shape
     bh, bw = _tile(H, W)
-    tiles = triton.cdiv(H, bh)
-    groups = 1 if _interpreting() else min(tiles, triton.cdiv(BWD_MIN_PROGRAMS, N * C))
-    row_tiles = triton.cdiv(tiles, groups)
-    _hcl_bwd_kernel[(N * C, triton.cdiv(tiles, row_tiles))](
+    groups, row_tiles = _row_groups(N, C, H, bh, BWD_MIN_PROGRAMS)
+    _hcl_bwd_kernel[(N * C, groups)](
         fs, ft, pooled, grad_out, gfs, gfs if gft is None else gft, N, C, H, W,
         *fs.stride(), *ft.stride(), int(gft is not None), row_tiles,
         BLOCK_H=bh, BLOCK_W=bw, ACC=_acc(fs.dtype), num_warps=NUM_WARPS,
@@ -238,11 +292,16 @@ def compile_specs():
         ptr = f"*{tname}"
         for _, (bh, bw) in TILES:
             consts = {"BLOCK_H": bh, "BLOCK_W": bw, "ACC": tl.float32}
-            fwd_sig = {"fs_ptr": ptr, "ft_ptr": ptr, "pooled_ptr": "*fp32", "share_ptr": "*fp32", **common, **tiled}
+            fwd_sig = {"fs_ptr": ptr, "ft_ptr": ptr, "pooled_ptr": "*fp32", "share_ptr": "*fp32", "part_ptr": "*fp32",
+                       **common, "row_tiles": "i32", **tiled}
             specs.append(CompileSpec(_hcl_fwd_kernel, fwd_sig, consts, num_warps=NUM_WARPS,
                                      label=f"fwd {tname} tile={bh}x{bw}"))
             bwd_sig = {"fs_ptr": ptr, "ft_ptr": ptr, "pooled_ptr": "*fp32", "gout_ptr": "*fp32",
                        "gfs_ptr": ptr, "gft_ptr": ptr, **common, "write_ft": "i32", "row_tiles": "i32", **tiled}
             specs.append(CompileSpec(_hcl_bwd_kernel, bwd_sig, consts, num_warps=NUM_WARPS,
                                      label=f"bwd {tname} tile={bh}x{bw}"))
+    # The combine step reads fp32 partial sums whatever the input dtype: one build.
+    comb_sig = {"part_ptr": "*fp32", "pooled_ptr": "*fp32", "share_ptr": "*fp32", "N": "i32", "C": "i32", "H": "i32",
+                "W": "i32", "groups": "i32", "ACC": "constexpr"}
+    specs.append(CompileSpec(_hcl_combine_kernel, comb_sig, {"ACC": tl.float32}, num_warps=1, label="combine fp32"))
     return specs

@@ -111,8 +111,20 @@ def test_small_stages_fp32(backend):
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_wide_map_several_tiles(backend):
-    # Wider than one tile even in the interpreter (W > 4096 / 4): the column loop and bins across tiles.
+    # More than one interpreter tile (2×2048 per tile for W = 1100): planes split into row groups,
+    # partial bin sums combined by the second launch; bins across tiles.
     _check_fp32([(1, 2, 5, 1100)], backend, ft_grad=False)
+
+
+def test_gpu_tiles_in_interpreter(monkeypatch):
+    # The GPU tile shapes (8×32, 8×64, 4×128) and row-group splits, run by the interpreter:
+    # column chunks (W = 300 > 128), row groups + combine, the narrow-map tile.
+    from transkd_fast.kernels import hcl as kernels
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    assert kernels._tile(13, 300) == (4, 128) and kernels._tile(16, 32) == (8, 32)
+    assert kernels._row_groups(1, 2, 13, 4, kernels.FWD_MIN_PROGRAMS) == (4, 1)
+    _check_fp32([(1, 2, 13, 300), (1, 2, 16, 32), (1, 1, 32, 64), (1, 2, 3, 5)], "triton", ft_grad=True)
 
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
@@ -273,6 +285,6 @@ def test_compile_check_hcl():
     from transkd_fast.compile_check import check_in_subprocess
 
     rows = check_in_subprocess(("hcl",))
-    assert len(rows) == 2 * 3 * 3 * 2  # kernels × dtypes × tiles × archs
+    assert len(rows) == (2 * 3 * 3 + 1) * 2  # (fwd/bwd × dtypes × tiles + combine) × archs
     bad = [r for r in rows if "error" in r or r["spill_bytes"] != 0]
     assert not bad, bad
