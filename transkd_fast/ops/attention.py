@@ -13,7 +13,12 @@ Backends:
   Plain ATen ops, so fvcore and autograd see every matmul.
 - ``torch``: one custom op ``transkd_fast::efficient_attention`` over PyTorch's fused SDPA
   kernels; it saves only the output and the row log-sum-exp for backward.
-- ``triton`` / ``xformers``: the same custom op over our Triton kernels / xformers (#3).
+- ``triton``: the same custom op over our flash-style Triton kernels
+  (``transkd_fast.kernels.attention``): online softmax forward saving O and the LSE, a
+  Δ = rowsum(dO ∘ O) pass, dK/dV per key block (query axis split), dQ per query block.
+  CUDA, or CPU under ``TRITON_INTERPRET=1``; D ∈ {16, 32, 64, 128}; fp32/fp16/bf16.
+- ``xformers``: the same custom op over ``xformers.ops.fmha``'s forward-with-LSE and
+  backward (CUDA only).
 
 The custom op returns ``(out, lse)``: every backend returns ``out`` contiguous
 ``[B, Nq, H, D]`` (so the ``proj`` Linear reads it without a copy); ``lse`` ``[B, H, Nq]``
@@ -33,9 +38,10 @@ OP = "efficient_attention"
 
 def efficient_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   scale: Optional[float] = None) -> torch.Tensor:
-    """Eager reference in fp32 math; returns ``[B, Nq, H, D]`` in q's dtype."""
+    """Eager reference in fp32 math (fp64 for fp64 inputs); returns ``[B, Nq, H, D]`` in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = (t.to(math_dtype).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
     attn = (qf @ kf.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
     return (attn @ vf).transpose(1, 2).to(q.dtype)
@@ -77,7 +83,9 @@ def _torch_forward(q, k, v, scale):
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             qt, kt, vt, None, True, 0.0, False, scale=scale)
     # Both kernels allocate [B, Nq, H, D] and return a transposed view: no copy here.
-    return out.transpose(1, 2).contiguous(), lse.to(_lse_dtype(q.dtype))
+    # The CPU kernel's LSE is a [B, H, Nq] view of a [B, Nq, H] buffer: made contiguous
+    # (small) so that every backend returns the layout register_fake declares.
+    return out.transpose(1, 2).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
 def _torch_backward(grad_out, q, k, v, out, lse, scale):
@@ -93,8 +101,51 @@ def _torch_backward(grad_out, q, k, v, out, lse, scale):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-_FORWARD = {"torch": _torch_forward}
-_BACKWARD = {"torch": _torch_backward}
+# ---------------------------------------------------------------------------------------
+# triton backend: our kernels (transkd_fast.kernels.attention), imported on first use so
+# that importing this module never needs triton.
+
+
+def _triton_forward(q, k, v, scale):
+    from transkd_fast.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, scale)
+
+
+def _triton_backward(grad_out, q, k, v, out, lse, scale):
+    from transkd_fast.kernels.attention import attention_backward
+
+    return attention_backward(grad_out, q, k, v, out, lse, scale)
+
+
+# ---------------------------------------------------------------------------------------
+# xformers backend: xformers.ops.fmha's non-autograd pair, which exposes the LSE (xformers
+# picks its CUDA kernel, e.g. cutlass or flash). Same [B, M, H, K] layout as ours.
+
+
+def _xformers_forward(q, k, v, scale):
+    from xformers.ops import fmha
+
+    out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, scale=scale)
+    # Some kernels pad the LSE's query axis (to a multiple of 32); the backward re-pads.
+    return out.contiguous(), lse[:, :, : q.shape[1]].float().contiguous()
+
+
+def _xformers_backward(grad_out, q, k, v, out, lse, scale):
+    from xformers.ops import fmha
+
+    grads = fmha.memory_efficient_attention_backward(grad_out, out, lse, q, k, v, scale=scale)
+    # A custom op's outputs may not share memory: copy if xformers packed them in one buffer.
+    seen, result = set(), []
+    for g in grads:
+        ptr = g.untyped_storage().data_ptr()
+        result.append(g.clone() if ptr in seen else g)
+        seen.add(ptr)
+    return tuple(result)
+
+
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward, "xformers": _xformers_forward}
+_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward, "xformers": _xformers_backward}
 
 
 def register_backend(name: str, forward, backward) -> None:
@@ -156,9 +207,32 @@ def _torch_check(q, k, v, **_):
     return None
 
 
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_check(q, k, v, **_):
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not one of the kernel's {TRITON_HEAD_DIMS}"
+    if q.shape[0] * q.shape[2] > 65535:
+        return f"batch × heads = {q.shape[0] * q.shape[2]} exceeds the 65535 programs of a grid axis"
+    return None
+
+
+def _xformers_check(q, k, v, **_):
+    if q.shape[-1] > 128:
+        return f"head_dim {q.shape[-1]} > 128 is not supported by xformers' kernels"
+    return None
+
+
 register_op(OP, {
     "reference": Support(devices=("cpu", "cuda")),
     "torch": Support(devices=("cpu", "cuda"), check=_torch_check),
+    # CPU tensors only under TRITON_INTERPRET=1 (the resolver enforces it).
+    "triton": Support(devices=("cpu", "cuda"), dtypes=_HALF_AND_FLOAT, check=_triton_check,
+                      note="flash-style kernels; fp32 uses exact fp32 dots unless allow_tf32"),
+    "xformers": Support(devices=("cuda",), dtypes=_HALF_AND_FLOAT, check=_xformers_check,
+                        note="xformers.ops.fmha forward/backward with LSE"),
 })
 
 
