@@ -222,6 +222,9 @@ class MixVisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         features: list[torch.Tensor] = []
         embeds: list[torch.Tensor] = []
+        # channels_last from the start: the first conv runs faster and its output flattens to
+        # contiguous tokens for the LayerNorm (a 3-channel copy; a no-op for channels_last input).
+        x = x.contiguous(memory_format=torch.channels_last)
         for i in range(1, 5):
             tokens, H, W = getattr(self, f"patch_embed{i}")(x)
             embeds.append(tokens)

@@ -133,11 +133,19 @@ class SegFormerHead(nn.Module):
         size = f1.shape[-2:]
         # Stage 1 is at the output size: it carries every bias (upsampling keeps constants).
         acc = tokens_to_nchw(F.linear(nchw_to_tokens(f1), weights[0], bias), *size)
+        # Without autograd, the three upsamplings share one output buffer: a fresh buffer of this
+        # size costs more (page faults) than the interpolation itself. Same op, same result.
+        reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        buf = None
         for i in (3, 2, 1):
             f = features[i]
             t = tokens_to_nchw(F.linear(nchw_to_tokens(f), weights[i]), *f.shape[-2:])
             if t.shape[-2:] != size:
-                t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+                if reuse:
+                    buf = torch.empty_like(acc) if buf is None else buf
+                    t = torch.ops.aten.upsample_bilinear2d.out(t, list(size), False, None, None, out=buf)
+                else:
+                    t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
             # In place: acc is a fresh Linear output that autograd does not save, and a new
             # 1/4-resolution buffer per term would cost more than the add (page faults).
             acc.add_(t)
