@@ -1,0 +1,162 @@
+"""``transkd-fast report`` and ``transkd-fast bench``.
+
+- ``report [--model segformer_b0] [--input 512 1024] [--classes 20]``: params, fvcore FLOPs in
+  both conventions (full; paper = without the attention matmuls), measured throughput.
+- ``report --paper``: the paper's model zoo (design §1) with our numbers beside the paper's and
+  the original code's fvcore counts.
+- ``report --traffic``: the MODELED memory traffic of each fused op vs its reference.
+- ``bench``: ``pytest benchmarks/ --benchmark-only`` with a JSON per device under
+  ``benchmarks/results/``, then the markdown summary (``benchmarks/summarize.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from transkd_fast.cli import SUBCOMMANDS
+
+
+def _fmt_pct(ours: float, ref: float) -> str:
+    return f"{(ours - ref) / ref * 100:+.2f}%"
+
+
+def zoo_markdown(rows: list[dict], input_size=(512, 1024)) -> str:
+    """The zoo table: ours beside the paper's and the original code's fvcore counts."""
+    H, W = input_size
+    thr = any("images_per_s" in r for r in rows)
+    lines = [
+        f"TransKD model zoo at 1x3x{H}x{W}, 20 outputs (fvcore: 1 multiply-add = 1 FLOP; batch 1, eval mode, "
+        "decode heads counted unfolded as in the original).",
+        "GFLOPs **full** = every multiply-add; **paper** = without the attention matmuls (q@kT, attn@v), "
+        "as the paper's counter.",
+        "",
+        "| network | params (M) ours | paper | GFLOPs full ours | original fvcore full | diff | "
+        "GFLOPs paper-conv. ours | original fvcore paper-conv. | diff | paper table |" + (" images/s |" if thr else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if thr else ""),
+    ]
+    for r in rows:
+        full, paper = r["full"] / 1e9, r["paper"] / 1e9
+        line = (f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['paper_params_m']:.2f} | {full:.2f} | "
+                f"{r['orig_full']:.2f} | {_fmt_pct(full, r['orig_full'])} | {paper:.2f} | {r['orig_paper']:.2f} | "
+                f"{_fmt_pct(paper, r['orig_paper'])} | {r['paper_gflops']:.2f} |")
+        if thr:
+            line += f" {r.get('images_per_s', float('nan')):.3f} |"
+        lines.append(line)
+    bad = [f"{r['name']}: {r['unsupported']}" for r in rows if r.get("unsupported")]
+    if bad:
+        lines += ["", "UNCOUNTED custom ops: " + "; ".join(bad)]
+    return "\n".join(lines) + "\n"
+
+
+def _add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="segformer_b0", help="model name (transkd_fast.models.MODELS)")
+    p.add_argument("--input", nargs=2, type=int, default=[512, 1024], metavar=("H", "W"))
+    p.add_argument("--classes", type=int, default=20, help="output classes (20 = Cityscapes' 19 + void)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--paper", action="store_true", help="print the paper's model-zoo table (design §1)")
+    p.add_argument("--traffic", action="store_true", help="print the MODELED memory traffic of the fused ops")
+    p.add_argument("--throughput", action="store_true", help="with --paper: also time each row")
+    p.add_argument("--no-throughput", action="store_true", help="single model: skip the timing")
+    p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from transkd_fast import flops
+
+    result: dict = {}
+    if args.traffic:
+        from transkd_fast import traffic
+
+        rows = traffic.traffic_table()
+        print(traffic.markdown(rows))
+        result["traffic"] = rows
+    if args.paper:
+        rows = flops.zoo(tuple(args.input), num_classes=args.classes, throughput=args.throughput, device=args.device)
+        print(zoo_markdown(rows, tuple(args.input)))
+        result["zoo"] = rows
+    if not (args.paper or args.traffic):
+        from transkd_fast.models import build_model
+
+        model = build_model(args.model, num_classes=args.classes).to(args.device).eval()
+        size = (args.batch, 3, *args.input)
+        rep = flops.report(model, size, name=args.model, throughput=not args.no_throughput,
+                           device=torch.device(args.device))
+        with flops.original_head(model):
+            orig = flops.analyze(model, torch.randn(size, device=args.device))
+        rep.extra["GFLOPs as run"] = "(the numbers above: what this model executes, e.g. its folded decode head)"
+        rep.extra["GFLOPs original"] = (f"full {orig.full / 1e9:.2f}, paper {orig.paper / 1e9:.2f} "
+                                        "(decode head unfolded, as the original / the paper count it)")
+        print("\n".join(rep.lines()))
+        result["model"] = {**rep.as_dict(), "original_full": orig.full, "original_paper": orig.paper}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default benchmarks/results/<cpu|cuda>.json)")
+    p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
+    p.add_argument("--summary", type=Path, default=None,
+                   help="markdown summary (default: the JSON path with .md)")
+    p.add_argument("pytest_args", nargs="*", help="extra arguments for pytest (after --)")
+
+
+def _repo_root() -> Optional[Path]:
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "benchmarks").is_dir() else None
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    root = _repo_root() or Path.cwd()
+    if not (root / "benchmarks").is_dir():
+        print("transkd-fast bench: no benchmarks/ folder (run it from a source checkout)", file=sys.stderr)
+        return 2
+    out = args.out or root / "benchmarks" / "results" / f"{'cuda' if _cuda() else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", f"--benchmark-json={out}", "-q",
+           "-p", "no:cacheprovider"]
+    if args.keyword:
+        cmd += ["-k", args.keyword]
+    cmd += list(args.pytest_args)
+    # benchmarks/ is not a package: run with the repo root as cwd but without putting it on
+    # sys.path (the top-level kernels/ folder must never be importable as `kernels`).
+    env = dict(os.environ)
+    env["PYTHONSAFEPATH"] = "1"
+    print("+", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=root, env=env)
+    if not out.exists():
+        return rc or 1
+    summary = args.summary or out.with_suffix(".md")
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import summarize  # benchmarks/summarize.py
+    finally:
+        sys.path.pop(0)
+    text = summarize.summarize(json.loads(out.read_text()))
+    summary.write_text(text)
+    print(text)
+    print(f"results: {out}\nsummary: {summary}")
+    return rc
+
+
+SUBCOMMANDS["report"] = ("params, FLOPs (full and paper conventions), throughput; --paper zoo; --traffic model",
+                         _add_report_args, _run_report)
+SUBCOMMANDS["bench"] = ("run the pytest-benchmark suite and write results JSON + markdown summary",
+                        _add_bench_args, _run_bench)
