@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-POOLED_SLOTS = 21  # 4·4 + 2·2 + 1·1 pooled means per plane
 LEVELS = (4, 2, 1)
 NUM_WARPS = 4
 
@@ -282,7 +281,8 @@ def hcl_stage_backward(grad_out: torch.Tensor, fs: torch.Tensor, ft: torch.Tenso
 
 
 def compile_specs():
-    """Both kernels × fp16/bf16/fp32 × the three tile shapes of ``TILES`` (the only constexprs)."""
+    """Forward and backward × fp16/bf16/fp32 × the three tile shapes of ``TILES`` (the only
+    constexprs besides the accumulation dtype), and the combine step of row-split forwards."""
     from transkd_fast.compile_check import CompileSpec
 
     common = {k: "i32" for k in ("N", "C", "H", "W", "sfn", "sfc", "sfh", "sfw", "stn", "stc", "sth", "stw")}
