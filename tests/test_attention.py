@@ -164,6 +164,19 @@ def test_reference_vs_torch_backend(nkv, D):
     _check_all(_run(q, k, v, do, backend="torch"), ref, 1e-5, f"torch Nkv={nkv} D={D}")
 
 
+def test_torch_backend_cpu_query_chunks(monkeypatch):
+    """One (batch, head) pair and more threads: the CPU backward splits the queries into
+    chunks (extra batch entries) and sums dk/dv over them; same gradients as the reference."""
+    from transkd_fast.ops import attention as ops
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert ops._cpu_query_chunks(1, 1, 1024) == 4 and ops._cpu_query_chunks(1, 1, 600) == 2
+    assert ops._cpu_query_chunks(2, 2, 1024) == 1 and ops._cpu_query_chunks(1, 1, 300) == 1
+    q, k, v, _ = _linear_views(1, 1024, 13, 1, 32)
+    do = torch.randn(q.shape)
+    _check_all(_run(q, k, v, do, backend="torch"), _run(q, k, v, do, backend="reference"), 1e-5, "chunked")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck_custom_op(backend):
     q, k, v, _ = _linear_views(1, 19, 7, 2, 16)

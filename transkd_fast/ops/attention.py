@@ -88,16 +88,42 @@ def _torch_forward(q, k, v, scale):
     return out.transpose(1, 2).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
+def _cpu_query_chunks(B: int, H: int, Nq: int) -> int:
+    """Query chunks for the CPU backward, which runs one thread per (batch, head): with fewer
+    (batch, head) pairs than threads (stage 1 of MiT has one head) the query axis is cut into
+    chunks that become extra batch entries. A divisor of Nq, chunks of ≥ 256 queries."""
+    threads = torch.get_num_threads()
+    c = threads // (B * H) if B * H < threads else 1
+    while c > 1 and (Nq % c or Nq // c < 256):
+        c -= 1
+    return max(c, 1)
+
+
 def _torch_backward(grad_out, q, k, v, out, lse, scale):
-    qt, kt, vt, ot, got = (t.transpose(1, 2) for t in (q, k, v, out, grad_out))
     if q.device.type == "cpu":
+        B, Nq, H, D = q.shape
+        # fp32/fp64 only: in fp16/bf16 the per-chunk dk/dv would each be rounded before the sum
+        c = _cpu_query_chunks(B, H, Nq) if q.dtype in (torch.float32, torch.float64) else 1
+        if c > 1:
+            L, Nkv = Nq // c, k.shape[1]
+            # q, out, dO: [B, Nq, H, D] → [B·c, L, H, D] (a view for Linear-output layouts);
+            # k, v repeated per chunk (small: Nkv rows); lse [B, H, Nq] → [B·c, H, L].
+            q, out, grad_out = (t.reshape(B * c, L, H, D) for t in (q, out, grad_out))
+            k, v = (t.unsqueeze(1).expand(B, c, Nkv, H, D).reshape(B * c, Nkv, H, D) for t in (k, v))
+            lse = lse.view(B, H, c, L).transpose(1, 2).reshape(B * c, H, L)
+        qt, kt, vt, ot, got = (t.transpose(1, 2) for t in (q, k, v, out, grad_out))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             got, qt, kt, vt, ot, lse, 0.0, False, attn_mask=None, scale=scale)
-    else:
-        philox = torch.zeros(2, dtype=torch.int64, device=q.device)
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            got, qt, kt, vt, None, ot, lse, philox, philox, 0.0, (True, True, True, False),
-            False, scale=scale)
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        if c > 1:
+            dq = dq.reshape(B, Nq, H, D)
+            dk, dv = (t.reshape(B, c, Nkv, H, D).sum(1) for t in (dk, dv))
+        return dq, dk, dv
+    qt, kt, vt, ot, got = (t.transpose(1, 2) for t in (q, k, v, out, grad_out))
+    philox = torch.zeros(2, dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        got, qt, kt, vt, None, ot, lse, philox, philox, 0.0, (True, True, True, False),
+        False, scale=scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
