@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from transkd_fast.cli import SUBCOMMANDS
 
@@ -64,6 +64,8 @@ def _add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traffic", action="store_true", help="print the MODELED memory traffic of the fused ops")
     p.add_argument("--throughput", action="store_true", help="with --paper: also time each row")
     p.add_argument("--no-throughput", action="store_true", help="single model: skip the timing")
+    p.add_argument("--compile", action="store_true",
+                   help=f"compile every Triton kernel for sm_80/sm_90 and write {COMPILE_REPORT} (exit 1 on spills)")
     p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
 
 
@@ -79,6 +81,14 @@ def _run_report(args: argparse.Namespace) -> int:
     from transkd_fast import flops
 
     result: dict = {}
+    if args.compile:
+        root = _repo_root() or Path.cwd()
+        rows = run_compile_report(root / COMPILE_REPORT)
+        bad = [r for r in rows if "error" in r or r.get("spill_bytes", 0) > 0]
+        print(f"{len(rows)} builds, {len(bad)} with spills or failures -> {root / COMPILE_REPORT}")
+        for r in bad:
+            print(f"FAIL {r['op']} {r['kernel']} {r['label']} {r['arch']}: {r.get('error') or r['spill_bytes']}")
+        return 1 if bad else 0
     if args.traffic:
         from transkd_fast import traffic
 
@@ -107,6 +117,65 @@ def _run_report(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str))
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Compile report: every Triton kernel built for sm_80 / sm_90 (transkd_fast.compile_check).
+
+COMPILE_REPORT = Path("benchmarks") / "results" / "compile_report.md"
+_HASH_LINE = "Kernel sources (sha256):"
+
+
+def present_kernel_ops() -> tuple[str, ...]:
+    """The ops of ``compile_check.KERNEL_OPS`` whose kernel module exists."""
+    import importlib.util
+
+    from transkd_fast.compile_check import KERNEL_OPS
+
+    return tuple(op for op in KERNEL_OPS if importlib.util.find_spec(f"transkd_fast.kernels.{op}") is not None)
+
+
+def kernel_hashes(ops: Sequence[str]) -> dict[str, str]:
+    """sha256 (first 16 hex digits) of each op's kernel source and of the compile harness."""
+    import hashlib
+    import importlib.util
+
+    files = {op: importlib.util.find_spec(f"transkd_fast.kernels.{op}").origin for op in ops}
+    files["compile_check"] = importlib.util.find_spec("transkd_fast.compile_check").origin
+    return {k: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] for k, f in files.items()}
+
+
+def compile_report_markdown(rows: list[dict], ops: Sequence[str]) -> str:
+    """``compile_check.markdown`` plus the kernel-source hashes it was built from."""
+    from transkd_fast.compile_check import markdown
+
+    text = markdown(rows).replace(f"python -m transkd_fast.compile_check --markdown {COMPILE_REPORT}",
+                                  "transkd-fast report --compile")
+    hashes = kernel_hashes(ops)
+    return text + "\n" + _HASH_LINE + " " + ", ".join(f"{k}={v}" for k, v in hashes.items()) + "\n"
+
+
+def committed_hashes(text: str) -> dict[str, str]:
+    for line in text.splitlines():
+        if line.startswith(_HASH_LINE):
+            return dict(kv.split("=", 1) for kv in line[len(_HASH_LINE):].strip().split(", ") if "=" in kv)
+    return {}
+
+
+def run_compile_report(path: Path = COMPILE_REPORT, ops: Optional[Sequence[str]] = None) -> list[dict]:
+    """Compile every kernel (sm_80 and sm_90, one process per arch, in parallel) and write the report."""
+    import concurrent.futures
+
+    from transkd_fast.compile_check import ARCHS, check_in_subprocess
+
+    ops = tuple(ops or present_kernel_ops())
+    with concurrent.futures.ThreadPoolExecutor(len(ARCHS)) as pool:
+        parts = list(pool.map(lambda a: check_in_subprocess(ops, archs=(a,), timeout=3000), ARCHS))
+    order = {op: i for i, op in enumerate(ops)}
+    rows = sorted((r for part in parts for r in part), key=lambda r: (order[r["op"]], r.get("label", ""), r["arch"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(compile_report_markdown(rows, ops))
+    return rows
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
