@@ -164,6 +164,19 @@ def test_reference_vs_torch_backend(nkv, D):
     _check_all(_run(q, k, v, do, backend="torch"), ref, 1e-5, f"torch Nkv={nkv} D={D}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_non_unit_head_dim_stride_and_expanded_grad(backend):
+    """Inputs whose head_dim is not contiguous, and the stride-0 gradient of ``out.sum()``
+    (the fused CPU kernel silently misreads such layouts unless they are copied first)."""
+    q = torch.randn(1, 40, 16, 2).transpose(-1, -2).requires_grad_()
+    k = torch.randn(1, 9, 16, 2).transpose(-1, -2).requires_grad_()
+    v = torch.randn(1, 9, 2, 16, requires_grad=True)
+    out = efficient_attention(q, k, v, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = _ref64(q, k, v, torch.ones(out.shape))
+    _check_all((out.detach(), *grads), ref, 1e-5, f"{backend} strided head_dim")
+
+
 def test_torch_backend_cpu_query_chunks(monkeypatch):
     """One (batch, head) pair and more threads: the CPU backward splits the queries into
     chunks (extra batch entries) and sums dk/dv over them; same gradients as the reference."""

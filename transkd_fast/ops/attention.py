@@ -74,8 +74,14 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    # The fused kernels read head_dim as contiguous; the CPU one silently gives wrong results
+    # otherwise. Views of Linear outputs already are; anything else is copied.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _torch_forward(q, k, v, scale):
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    qt, kt, vt = (_unit_last(t).transpose(1, 2) for t in (q, k, v))
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, False, attn_mask=None, scale=scale)
@@ -100,6 +106,7 @@ def _cpu_query_chunks(B: int, H: int, Nq: int) -> int:
 
 
 def _torch_backward(grad_out, q, k, v, out, lse, scale):
+    grad_out, q, k, v, out = (_unit_last(t) for t in (grad_out, q, k, v, out))
     if q.device.type == "cpu":
         B, Nq, H, D = q.shape
         # fp32/fp64 only: in fp16/bf16 the per-chunk dk/dv would each be rounded before the sum
