@@ -107,6 +107,42 @@ def test_dkdv_query_split_and_explicit_blocks(split):
         assert_close_rel(a, b, 1e-5, f"{name} split={split}")
 
 
+def test_every_gpu_config_computes_right():
+    """Each compiled autotune config (block sizes as on sm_80/sm_90), run in the interpreter."""
+    import triton
+
+    q, k, v, _ = _linear_views(1, 150, 70, 1, 32, requires_grad=False)
+    scale = 32 ** -0.5
+    o_ref, lse_ref = K.attention_forward(q, k, v, scale)
+    do = torch.randn_like(o_ref)
+    ref = _ref64(q, k, v, do)
+    for bm, bn, w, st in K._Q_CONFIGS + K._Q_CONFIGS_FP32:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        o, lse = K.attention_forward(q, k, v, scale, config=cfg)
+        assert_close_rel(o, ref[0], 1e-5, f"fwd {cfg}")
+        assert_close_rel(lse, lse_ref, 1e-6, f"lse {cfg}")
+        dq = K.attention_backward(do, q, k, v, o, lse, scale, split=1, config=cfg,
+                                  kv_config={"BLOCK_M": 32, "BLOCK_N": 16})[0]
+        assert_close_rel(dq, ref[1], 1e-5, f"dq {cfg}")
+    for bn, bm, w, st in K._KV_CONFIGS + K._KV_CONFIGS_FP32:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        _, dk, dv = K.attention_backward(do, q, k, v, o_ref, lse_ref, scale, split=2,
+                                         config={"BLOCK_M": 32, "BLOCK_N": 16}, kv_config=cfg)
+        assert_close_rel(dk, ref[2], 1e-5, f"dk {cfg}")
+        assert_close_rel(dv, ref[3], 1e-5, f"dv {cfg}")
+    # which configs autotuning may pick, by dtype and Nkv
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in K._Q_CONFIGS + K._Q_CONFIGS_FP32]
+
+    def picked(dtype, nkv):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in
+                K._prune(configs, {"Q": torch.empty(0, dtype=dtype), "NKV": nkv})]
+
+    assert picked(torch.float32, 512) == picked(torch.float32, 5) == [(32, 32)]
+    assert picked(torch.float16, 13) == picked(torch.bfloat16, 32) == [(128, 32)]
+    assert picked(torch.bfloat16, 512) == [(128, 64), (64, 64)]
+
+
 def test_every_output_element_is_written(monkeypatch):
     """Buffers from the launchers are NaN-poisoned: any element a kernel skips shows up."""
     real = torch

@@ -9,16 +9,18 @@ Math, per batch b and head h, with q ``[B, Nq, H, D]`` and k, v ``[B, Nkv, H, D]
 
 Backends:
 
-- ``reference``: eager PyTorch in fp32 that materializes S and P, as the original does.
-  Plain ATen ops, so fvcore and autograd see every matmul.
+- ``reference``: eager PyTorch in fp32 (fp64 for fp64 inputs) that materializes S and P,
+  as the original does. Plain ATen ops, so fvcore and autograd see every matmul.
 - ``torch``: one custom op ``transkd_fast::efficient_attention`` over PyTorch's fused SDPA
-  kernels; it saves only the output and the row log-sum-exp for backward.
+  kernels; it saves only the output and the row log-sum-exp for backward. On CPU, whose
+  SDPA backward runs one thread per (batch, head), the backward cuts the query axis into
+  chunks when there are fewer pairs than threads (MiT stage 1 has one head).
 - ``triton``: the same custom op over our flash-style Triton kernels
   (``transkd_fast.kernels.attention``): online softmax forward saving O and the LSE, a
   Δ = rowsum(dO ∘ O) pass, dK/dV per key block (query axis split), dQ per query block.
   CUDA, or CPU under ``TRITON_INTERPRET=1``; D ∈ {16, 32, 64, 128}; fp32/fp16/bf16.
 - ``xformers``: the same custom op over ``xformers.ops.fmha``'s forward-with-LSE and
-  backward (CUDA only).
+  backward (CUDA only; wired and refusal-tested, not run in this project's CPU CI).
 
 The custom op returns ``(out, lse)``: every backend returns ``out`` contiguous
 ``[B, Nq, H, D]`` (so the ``proj`` Linear reads it without a copy); ``lse`` ``[B, H, Nq]``
