@@ -262,6 +262,11 @@ def test_triton_refusals_say_why():
     q, k, v, _ = _linear_views(1, 8, 4, 2, 16, dtype=torch.float64, requires_grad=False)
     with pytest.raises(BackendError, match="'triton' refused.*dtype float64 is not supported"):
         efficient_attention(q, k, v, backend="triton")
+    from transkd_fast.ops.attention import _triton_check
+
+    big = torch.empty_strided((1, 2**16, 2, 16), (2**31, 2**15, 16, 1), device="meta")  # no memory
+    assert "spans ≥ 2^31 elements" in _triton_check(big, big[:, :4], big[:, :4])
+    assert _triton_check(big[:, : 2**16 - 1], big[:, :4], big[:, :4]) is None
     assert resolve("efficient_attention", q.float(), k.float(), v.float(), backend="triton") == "triton"
     assert resolve("efficient_attention", q.float(), k.float(), v.float(), backend="auto") == "torch"
 

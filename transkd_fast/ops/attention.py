@@ -251,6 +251,9 @@ def _triton_check(q, k, v, **_):
         return f"head_dim {q.shape[-1]} is not one of the kernel's {TRITON_HEAD_DIMS}"
     if q.shape[0] * q.shape[2] > 65535:
         return f"batch × heads = {q.shape[0] * q.shape[2]} exceeds the 65535 programs of a grid axis"
+    # batch/head offsets are int64 in the kernels; offsets within one (batch, head) are int32
+    if max(t.shape[1] * t.stride(1) for t in (q, k, v)) >= 2**31:
+        return "one batch entry spans ≥ 2^31 elements (the kernels index within a batch in int32)"
     return None
 
 
