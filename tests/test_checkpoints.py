@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import pickle
 
@@ -14,6 +16,27 @@ from transkd_fast.models.checkpoints import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 from transformers import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _template(name: str, num_classes: int, kw: tuple) -> torch.nn.Module:
+    return build_model(name, num_classes=num_classes, **dict(kw))
+
+
+def make(name: str = "segformer_b0", num_classes: int = 20, **kw) -> torch.nn.Module:
+    """A new model: a copy of a cached template with every parameter and BN statistic redrawn
+    (cheaper than building one, and different from every other call's)."""
+    m = copy.deepcopy(_template(name, num_classes, tuple(sorted(kw.items()))))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for n, b in m.named_buffers():
+            if n.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+            elif n.endswith("running_mean"):
+                b.normal_()
+    return m
+
 
 HF_CONFIGS = {
     "b0": dict(),
@@ -57,7 +80,10 @@ def test_hf_weights_give_hf_logits_and_round_trip(variant):
     assert_close_rel(folded, ref, 1e-5, "folded head vs HF")
     assert_close_rel(original, ref, 1e-5, "original head vs HF")
 
-    fresh = SegformerForSemanticSegmentation(SegformerConfig(num_labels=20, **HF_CONFIGS[variant])).eval()
+    fresh = copy.deepcopy(hf)
+    with torch.no_grad():
+        for t in fresh.state_dict().values():
+            t.fill_(float("nan") if t.is_floating_point() else -1)
     fresh.load_state_dict(to_hf_state_dict(model), strict=True)
     assert_close_rel(hf_logits(fresh, x), ref, 1e-7, "HF after our export")
 
@@ -65,10 +91,7 @@ def test_hf_weights_give_hf_logits_and_round_trip(variant):
 def test_hub_file_naming_v4_loads_in_transformers_and_back(tmp_path):
     from safetensors.torch import save_file
 
-    model = build_model("segformer_b0", num_classes=20, norm_eps=1e-5).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = make("segformer_b0", 20, norm_eps=1e-5).eval()
     sd = to_hf_state_dict(model, style="v4")
     assert "segformer.encoder.block.0.0.attention.self.query.weight" in sd
     assert "decode_head.linear_c.3.proj.weight" in sd and "decode_head.batch_norm.running_var" in sd
@@ -81,17 +104,17 @@ def test_hub_file_naming_v4_loads_in_transformers_and_back(tmp_path):
         ours = model(x)
     assert_close_rel(hf_logits(hf.eval(), x), ours, 1e-5, "transformers reading our v4 file")
 
-    again = build_model("segformer_b0", num_classes=20, norm_eps=1e-5).eval()
+    again = make("segformer_b0", 20, norm_eps=1e-5).eval()
     assert load_pretrained(again, sd, strict=True).format == "hf"
     assert torch.equal(again.backbone.block2[1].attn.kv.weight, model.backbone.block2[1].attn.kv.weight)
 
 
 def test_missing_and_unexpected_keys_are_named():
-    src = build_model("segformer_b0", num_classes=20)
+    src = make("segformer_b0", 20)
     sd = src.state_dict()
     del sd["backbone.block2.1.attn.kv.bias"]
     sd["backbone.block2.1.attn.extra.weight"] = torch.randn(3)
-    model = build_model("segformer_b0", num_classes=20)
+    model = make("segformer_b0", 20)
     before = model.backbone.block1[0].attn.q.weight.clone()
     with pytest.raises(CheckpointError, match=r"backbone\.block2\.1\.attn\.kv\.bias.*backbone\.block2\.1\.attn\.extra"):
         load_pretrained(model, sd, strict=True)
@@ -104,8 +127,8 @@ def test_missing_and_unexpected_keys_are_named():
 
 
 def test_shape_mismatch_names_key_and_shapes():
-    sd = build_model("segformer_b0", num_classes=20).state_dict()
-    model = build_model("segformer_b0", num_classes=19)
+    sd = make("segformer_b0", 20).state_dict()
+    model = make("segformer_b0", 19)
     shapes = r"decode_head\.linear_pred\.weight.*\(20, 256, 1, 1\).*\(19, 256, 1, 1\)"
     with pytest.raises(CheckpointError, match=shapes):
         load_pretrained(model, sd)
@@ -120,28 +143,28 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_prefixes_and_flat_namings():
-    src = build_model("segformer_b0", num_classes=20)
+    src = make("segformer_b0", 20)
     sd = src.state_dict()
     # DataParallel over mmseg naming, plus mmseg's unused conv_seg (ignored, not an error)
     wrapped = {"module." + k: v for k, v in sd.items()}
     wrapped["module.decode_head.conv_seg.weight"] = torch.randn(20, 256, 1, 1)
-    model = build_model("segformer_b0", num_classes=20)
+    model = make("segformer_b0", 20)
     result = load_pretrained(model, wrapped, strict=True)
     assert result.format == "nvlabs" and result.ignored == ["module.decode_head.conv_seg.weight"]
     assert _same(model, src)
     # TransKD's flat SegFormer: backbone and head keys at the top level
     flat = {k.split(".", 1)[1]: v for k, v in sd.items()}
     assert "linear_fuse.conv.weight" in flat and "patch_embed1.proj.weight" in flat
-    model = build_model("segformer_b0", num_classes=20)
+    model = make("segformer_b0", 20)
     load_pretrained(model, flat, strict=True)
     assert _same(model, src)
 
 
 def test_bare_backbone_checkpoints():
-    src = build_model("segformer_b0", num_classes=20)
+    src = make("segformer_b0", 20)
     bare = dict(src.backbone.state_dict())
     bare["head.weight"], bare["head.bias"] = torch.randn(1000, 256), torch.randn(1000)  # ImageNet classifier
-    model = build_model("segformer_b0", num_classes=20)
+    model = make("segformer_b0", 20)
     result = load_pretrained(model, bare)
     assert sorted(result.ignored) == ["head.bias", "head.weight"] and not result.unexpected
     assert result.missing and all(k.startswith("decode_head.") for k in result.missing)
@@ -156,11 +179,11 @@ def test_bare_backbone_checkpoints():
 
 
 def test_pvt_transkd_naming_with_head_prefix():
-    src = build_model("pvt_v2_b0", num_classes=20)
+    src = make("pvt_v2_b0", 20)
     sd = {("head." + k[len("decode_head."):] if k.startswith("decode_head.") else k): v
           for k, v in src.state_dict().items()}
     assert "head.scale_heads.3.4.conv.weight" in sd and "neck.fpn_convs.0.conv.bias" in sd
-    model = build_model("pvt_v2_b0", num_classes=20)
+    model = make("pvt_v2_b0", 20)
     load_pretrained(model, sd, strict=True)
     assert _same(model, src)
     with pytest.raises(TypeError, match="SemanticFPN"):
@@ -172,18 +195,18 @@ class _NotATensor:
 
 
 def test_files_load_with_weights_only(tmp_path):
-    src = build_model("segformer_b0", num_classes=20)
+    src = make("segformer_b0", 20)
     for i, wrap in enumerate([lambda sd: sd, lambda sd: {"state_dict": sd, "epoch": 3, "meta": {"lr": 6e-5}},
                               lambda sd: {"model": sd, "optimizer": {"state": {}}}]):
         path = tmp_path / f"ckpt{i}.pth"
         torch.save(wrap(src.state_dict()), path)
-        model = build_model("segformer_b0", num_classes=20)
+        model = make("segformer_b0", 20)
         load_pretrained(model, str(path), strict=True)
         assert _same(model, src)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"state_dict": src.state_dict(), "obj": _NotATensor()}, unsafe)
     with pytest.raises(pickle.UnpicklingError):
-        load_pretrained(build_model("segformer_b0", num_classes=20), unsafe)
+        load_pretrained(make("segformer_b0", 20), unsafe)
 
 
 def test_training_gradients_match_hf():
