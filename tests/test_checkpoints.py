@@ -247,3 +247,27 @@ def hf_named_grads(model, names):
         for n, p in model.named_parameters():
             p.copy_(saved[n])
     return {n: g for n, g in grads.items() if n in names}
+
+
+def test_bare_mit_to_and_from_hf_segformer_model():
+    from transformers import SegformerModel
+
+    backbone = mit_b0(norm_eps=1e-5).eval()
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = to_hf_state_dict(backbone)
+    assert "stages.0.blocks.0.attention.q_proj.weight" in sd and not any(k.startswith("segformer.") for k in sd)
+    hf = SegformerModel(SegformerConfig()).eval()
+    hf.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats, _ = backbone(x)
+        last = hf(pixel_values=x).last_hidden_state
+    assert_close_rel(feats[3], last, 1e-5, "stage 4 vs SegformerModel")
+    again = mit_b0(norm_eps=1e-5)
+    assert load_pretrained(again, hf.state_dict(), strict=True).format == "hf"
+    assert _same(again, backbone)
+    v4 = to_hf_state_dict(backbone, style="v4")
+    assert "encoder.block.3.1.attention.self.key.bias" in v4
+    assert load_pretrained(mit_b0(norm_eps=1e-5), v4, strict=True).format == "hf"
