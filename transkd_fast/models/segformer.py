@@ -131,15 +131,16 @@ class SegFormerHead(nn.Module):
         weights, bias, bn_folded = self._folded_weights()
         f1 = features[0]
         size = f1.shape[-2:]
-        # Stage 1 is at the output size: it carries every bias (upsampling keeps constants).
-        acc = tokens_to_nchw(F.linear(nchw_to_tokens(f1), weights[0], bias), *size)
+        acc = tokens_to_nchw(F.linear(nchw_to_tokens(f1), weights[0]), *size)
         # Without autograd, the three upsamplings share one output buffer: a fresh buffer of this
         # size costs more (page faults) than the interpolation itself. Same op, same result.
         reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         buf = None
         for i in (3, 2, 1):
             f = features[i]
-            t = tokens_to_nchw(F.linear(nchw_to_tokens(f), weights[i]), *f.shape[-2:])
+            # The deepest stage carries every bias: bilinear weights sum to 1, so a constant
+            # survives upsampling, and adding it at 1/32 resolution is nearly free.
+            t = tokens_to_nchw(F.linear(nchw_to_tokens(f), weights[i], bias if i == 3 else None), *f.shape[-2:])
             if t.shape[-2:] != size:
                 if reuse:
                     buf = torch.empty_like(acc) if buf is None else buf
