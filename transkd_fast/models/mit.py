@@ -134,8 +134,8 @@ class EfficientSelfAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         q = self.q(x).view(B, N, h, d)
         if self.sr_ratio > 1:
-            x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))
-        kv = self.kv(x).view(B, x.shape[1], 2, h, d)
+            x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))  # [B, Nkv, C]
+        kv = self.kv(x).view(B, x.shape[1], 2, h, d)  # row n: [k heads | v heads]
         out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
         # torch/triton backends return contiguous [B, N, h, d] (a free view); reference may copy.
         return self.proj(out.reshape(B, N, C))

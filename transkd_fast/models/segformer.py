@@ -11,11 +11,14 @@ Fold (``decode_head.fold = True``, the default): the 1×1 ``linear_fuse`` conv i
 and bilinear upsampling is linear per channel with weights summing to 1, so with W_j the slice of
 linear_fuse's weight that sees u_i, ``W_j u_i = bilinear((W_j A_i) f_i) + W_j b_i``. The head
 therefore applies one composed Linear (W_j A_i) to each stage at its own resolution, upsamples
-E channels, sums, and adds every bias once at stage 1. In eval the BatchNorm's affine map is folded
+E channels, sums, and adds every bias once (on the deepest stage, before its upsampling). In
+eval the BatchNorm's affine map is folded
 into the same weights too. The concat at stage-1 size and the 4E → E conv there (the bulk of the
 head's FLOPs) disappear; parameters and state-dict names are unchanged (the fold is recomputed from
 them at every forward, so gradients reach the original weights). ``fold = False`` runs the
-original computation.
+original computation. Without autograd the three upsamplings write into one reused buffer.
+
+Stage features arrive as NCHW-shaped channels_last tensors (see :mod:`transkd_fast.models.mit`).
 """
 
 from __future__ import annotations
