@@ -19,14 +19,15 @@ Kernels (all take strides, unit stride on D assumed; batch/head offsets in int64
 - ``_attn_bwd_dq_kernel``: grid (⌈Nq/BLOCK_M⌉, B·H). The Δ preprocessing pass, fused: it
   reads dO and O once, stores Δ, then loops over key blocks for dq. Launched first.
 - ``_attn_bwd_dkdv_kernel``: grid (⌈Nkv/BLOCK_N⌉, SPLIT, B·H). One key block, loop over the
-  query rows of its split. SegFormer has few keys (Nkv = 512 at 512×1024, often < 64) and
-  many queries (up to 32768), so ⌈Nkv/BLOCK_N⌉·B·H alone would leave most of a GPU idle:
+  query rows of its split. SegFormer has few keys (Nkv = 512 at every MiT stage for a
+  512×1024 input, fewer for smaller crops) and many queries (32768 at stage 1, one head),
+  so ⌈Nkv/BLOCK_N⌉·B·H programs alone (8 at stage 1, batch 1) would leave a GPU idle:
   the query axis is split and each split writes fp32 partial dk/dv that the host sums
   (deterministic, no atomics). SPLIT = 1 writes dk/dv directly in the input dtype.
 
-Short Nkv: each autotune list holds a BLOCK_N = 32 config, the only one kept when
-Nkv ≤ 32: one key tile then covers every key, the key loop runs once and K/V of the head
-stay in registers for the whole program. Larger Nkv (512 for every MiT stage at 512×1024)
+Short Nkv: each fp16/bf16 autotune list holds a BLOCK_N = 32 config, the only one kept
+when Nkv ≤ 32: one key tile then covers every key, the key loop runs once and K/V of the
+head are loaded once per program. Larger Nkv (512 for every MiT stage at 512×1024)
 loops over 64-key tiles that the query blocks of a head re-read from L2.
 
 Interpreter (``TRITON_INTERPRET=1``): a single config (autotuning cannot run there), and
