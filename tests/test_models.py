@@ -114,7 +114,7 @@ def test_segformer_folded_head_matches_original_in_eval_and_train():
         bn.running_var.uniform_(0.5, 2.0)
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.normal_()
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(2, 3, 48, 80)
     model.eval()
     with torch.no_grad():
         folded = model(x)
