@@ -49,6 +49,25 @@ def _is_baseline(b: dict) -> bool:
     return variant == "" and ("reference" in b["name"] or "original" in b["name"])
 
 
+_BASE_VALUES = ("original", "reference")
+_BASE_KEYS = ("variant", "backend")
+
+
+def _case_key(b: dict) -> tuple:
+    """The benchmark's parameters without the one naming the implementation (variant/backend)."""
+    params = b.get("params") or {}
+    return tuple(sorted((k, str(v)) for k, v in params.items() if k not in _BASE_KEYS))
+
+
+def _baselines(bs: list[dict]) -> dict:
+    """case key → the baseline benchmark of that case (same parameters, reference/original)."""
+    out = {}
+    for b in bs:
+        if _is_baseline(b):
+            out.setdefault(_case_key(b), b)
+    return out
+
+
 def _short_name(b: dict) -> str:
     return b["name"].removeprefix("test_")
 
@@ -65,7 +84,7 @@ def summarize(data: dict) -> str:
         f"{cpu.get('count', '?')} logical CPUs, Python {mi.get('python_version', '?')}",
         f"- commit: {ci.get('id', '?')[:12]}{' (dirty)' if ci.get('dirty') else ''}",
         "- times are wall-clock medians measured on this device in one run; `× base` = median / the group's "
-        "baseline median (original-style / reference); < 1 is faster.",
+        "baseline median (the original-style / reference run of the same case); < 1 is faster.",
         "",
     ]
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -73,12 +92,14 @@ def summarize(data: dict) -> str:
         groups[b.get("group") or b.get("fullname", "").split("::")[0]].append(b)
     for group in sorted(groups):
         bs = groups[group]
-        base = next((b for b in bs if _is_baseline(b)), None)
+        bases = _baselines(bs)
+        group_base = next(iter(bases.values()), None) if len(bases) == 1 else None
         device = next((b.get("extra_info", {}).get("device") for b in bs if b.get("extra_info", {}).get("device")), "")
         lines += [f"## {group}" + (f" ({device})" if device else ""), "",
                   "| benchmark | median | min | rounds | × base |", "|---|---|---|---|---|"]
-        for b in sorted(bs, key=lambda b: b["stats"]["median"]):
+        for b in sorted(bs, key=lambda b: (_case_key(b), b["name"])):
             st = b["stats"]
+            base = bases.get(_case_key(b), group_base)
             ratio = f"{st['median'] / base['stats']['median']:.3f}" if base is not None else "–"
             lines.append(f"| {_short_name(b)} | {_fmt_time(st['median'])} | {_fmt_time(st['min'])} | "
                          f"{st['rounds']} | {ratio} |")
@@ -86,7 +107,8 @@ def summarize(data: dict) -> str:
         for b in bs:
             info = {k: v for k, v in b.get("extra_info", {}).items() if k not in _SKIP_INFO}
             if info:
-                notes.append(f"- `{_short_name(b)}`: " + ", ".join(f"{k}={_fmt_val(v)}" for k, v in info.items()))
+                text = ", ".join(f"{k}={_fmt_val(v)}" for k, v in info.items())
+                notes.append(f"- `{_short_name(b)}`: " + (text if len(text) <= 600 else text[:597] + "..."))
         if notes:
             lines += [""] + notes
         lines.append("")

@@ -80,3 +80,15 @@ def test_table_covers_the_fused_ops_and_fused_moves_less():
         assert abs(r["ref_fwd_us_h100_modeled"] - r["ref_fwd"] / H100_BANDWIDTH * 1e6) < 1e-9
     text = traffic.markdown(rows)
     assert "MODELED" in text and text.count("\n| ") == len(rows) + 1
+
+
+def test_cli_report_traffic(capsys, tmp_path):
+    import json
+
+    from transkd_fast.cli import main
+
+    assert main(["report", "--traffic", "--json", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "MODELED" in out and "| efficient_attention |" in out
+    rows = json.loads((tmp_path / "t.json").read_text())["traffic"]
+    assert rows and all(r["fused_fwd"] > 0 for r in rows)
