@@ -15,8 +15,9 @@ Groups (each variant in the same run, same weights, same inputs):
 - ``transkd-base-step-rss``: the same step, each variant in a fresh subprocess, reading peak
   RSS (``ru_maxrss``) and the step loss there (timed body: the ours/original step there).
 
-CPU shapes stay small enough for ``pytest benchmarks/ --benchmark-only`` to finish in minutes;
-the 1024×2048 baseline/HF variants run on CUDA only (on CPU only ``ours`` runs there).
+CPU shapes stay small enough for ``pytest benchmarks/ --benchmark-only`` to finish in minutes
+(1024×2048 inference: one timed round after one warm-up on CPU, ≈ 5 / 10 / 14 s per call for
+ours / HF / original on an idle 2-core machine).
 ``extra_info`` holds device, shapes, backend, logits/loss agreement and ratios to the
 baselines (median ours / median baseline).
 """
@@ -115,8 +116,6 @@ def _infer_rounds(size):
 @pytest.mark.parametrize("variant", ["original", "hf", "ours"])
 def test_student_inference(benchmark, b0_models, variant, size):
     ours, hf = b0_models
-    if ON_CPU and size[0] > 512 and variant != "ours":
-        pytest.skip("1024x2048 baselines run on CUDA only (minutes per call on a 2-core CPU)")
     group = f"student-infer-{size[0]}x{size[1]}"
     benchmark.group = group
     torch.manual_seed(1)
