@@ -56,7 +56,7 @@ def _record(benchmark, group: str, variant: str, **info) -> None:
     med = benchmark.stats.stats.median
     _MEDIANS.setdefault(group, {})[variant] = med
     benchmark.extra_info.update({"device": str(DEVICE), "variant": variant, "group": group,
-                                 "threads": torch.get_num_threads(), **info})
+                                 "threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0], **info})
     if variant == "ours":
         for other, m in _MEDIANS[group].items():
             if other != "ours":
