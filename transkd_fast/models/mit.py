@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transkd_fast.backend import get_backend
 from transkd_fast.ops.attention import efficient_attention
 
 # name: (embed_dims, depths, num_heads, mlp_ratios, sr_ratios)
@@ -152,8 +153,77 @@ class DWConv(nn.Module):
         return nchw_to_tokens(self.dwconv(tokens_to_nchw(x, H, W)))
 
 
+def _mixffn_hidden(x, w1, b1, wdw, bdw, H: int, W: int):
+    """fc1 and the depthwise conv: ``(h, d)`` with h ``[B, N, hidden]`` and d its 3×3 depthwise
+    conv as an NCHW channels_last tensor (same ops, same order as the plain path)."""
+    h = F.linear(x, w1, b1)
+    d = F.conv2d(tokens_to_nchw(h, H, W), wdw, bdw, 1, 1, 1, wdw.shape[0])
+    return h, d
+
+
+class _LeanMixFFN(torch.autograd.Function):
+    """fc1 → dwconv → GELU → fc2 that keeps only its input ``x`` for backward.
+
+    The plain path keeps three hidden-size activations per block (fc1's output for the conv,
+    the conv's output for GELU, GELU's output for fc2): 3·hidden = 12·C floats per token, the
+    largest share of a training step's saved memory. Backward recomputes fc1, the conv and GELU
+    from ``x`` with the same ops (bit-identical values), then applies the same backward ops as
+    autograd would (``mm`` for the Linears, ``convolution_backward``, ``gelu_backward``), freeing
+    each hidden tensor as soon as it is used. Cost: one extra fc1 + conv + GELU per block.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, wdw, bdw, w2, b2, H: int, W: int):
+        with torch.no_grad():
+            _, d = _mixffn_hidden(x, w1, b1, wdw, bdw, H, W)
+            g = F.gelu(nchw_to_tokens(d))
+            del d
+            # addmm into a fresh [B, N, C] tensor (what F.linear runs on flattened tokens): the
+            # output must not be a view, Block adds the residual into it in place.
+            out = g.new_empty(g.shape[:-1] + (w2.shape[0],))
+            torch.addmm(b2, g.reshape(-1, g.shape[-1]), w2.t(), out=out.view(-1, w2.shape[0]))
+        ctx.save_for_backward(x, w1, b1, wdw, bdw, w2)
+        ctx.hw = (H, W)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, w1, b1, wdw, bdw, w2 = ctx.saved_tensors
+        H, W = ctx.hw
+        need = ctx.needs_input_grad
+        h, d = _mixffn_hidden(x, w1, b1, wdw, bdw, H, W)
+        g_tok = F.gelu(nchw_to_tokens(d))  # [B, N, hidden], contiguous
+        g2 = gout.reshape(-1, gout.shape[-1])  # [B·N, C_out]
+        gw2 = g2.t().mm(g_tok.reshape(-1, g_tok.shape[-1])) if need[5] else None
+        gb2 = g2.sum(0) if need[6] else None
+        del g_tok
+        gg = gout.matmul(w2)  # [B, N, hidden]
+        gd = torch.ops.aten.gelu_backward(tokens_to_nchw(gg, H, W), d)
+        del gg, d
+        gh, gwdw, gbdw = torch.ops.aten.convolution_backward(
+            gd, tokens_to_nchw(h, H, W), wdw, [wdw.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0],
+            wdw.shape[0], [need[0] or need[1] or need[2], need[3], need[4]])
+        del gd, h
+        gx = gw1 = gb1 = None
+        if gh is not None:
+            gh = nchw_to_tokens(gh)
+            gh2 = gh.reshape(-1, gh.shape[-1])
+            if need[1]:
+                gw1 = gh2.t().mm(x.reshape(-1, x.shape[-1]))
+            if need[2]:
+                gb1 = gh2.sum(0)
+            if need[0]:
+                gx = gh.matmul(w1)
+        return gx, gw1, gb1, gwdw, gbdw, gw2, gb2, None, None
+
+
 class MixFFN(nn.Module):
-    """fc1 → dwconv → GELU (exact) → fc2."""
+    """fc1 → dwconv → GELU (exact) → fc2.
+
+    Training with grad on a non-reference backend (the student) uses :class:`_LeanMixFFN`,
+    which saves only ``x`` and recomputes the hidden activations in backward; eval, no-grad
+    (the teacher), tracing, autocast and the ``reference`` backend run the plain modules.
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -161,7 +231,17 @@ class MixFFN(nn.Module):
         self.dwconv = DWConv(hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
+    def _lean(self, x: torch.Tensor) -> bool:
+        return (self.training and torch.is_grad_enabled() and get_backend() != "reference"
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                and not torch.is_autocast_enabled(x.device.type)
+                and x.is_contiguous() and x.dim() == 3)
+
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self._lean(x):
+            conv = self.dwconv.dwconv
+            return _LeanMixFFN.apply(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
+                                     self.fc2.weight, self.fc2.bias, H, W)
         return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
 
 
