@@ -176,8 +176,9 @@ class _LeanMixFFN(torch.autograd.Function):
     def forward(ctx, x, w1, b1, wdw, bdw, w2, b2, H: int, W: int):
         with torch.no_grad():
             _, d = _mixffn_hidden(x, w1, b1, wdw, bdw, H, W)
-            g = F.gelu(nchw_to_tokens(d))
-            del d
+            # GELU in place (d is not kept; a fresh hidden-size buffer costs page faults), on the
+            # token view: ATen's GELU rounds differently on the 4-D channels_last view.
+            g = torch.ops.aten.gelu_(nchw_to_tokens(d))
             # addmm into a fresh [B, N, C] tensor (what F.linear runs on flattened tokens): the
             # output must not be a view, Block adds the residual into it in place.
             out = g.new_empty(g.shape[:-1] + (w2.shape[0],))
@@ -198,7 +199,8 @@ class _LeanMixFFN(torch.autograd.Function):
         gb2 = g2.sum(0) if need[6] else None
         del g_tok
         gg = gout.matmul(w2)  # [B, N, hidden]
-        gd = torch.ops.aten.gelu_backward(tokens_to_nchw(gg, H, W), d)
+        gd = tokens_to_nchw(gg, H, W)
+        torch.ops.aten.gelu_backward.grad_input(gd, d, grad_input=gd)  # in place: gg is not needed after
         del gg, d
         gh, gwdw, gbdw = torch.ops.aten.convolution_backward(
             gd, tokens_to_nchw(h, H, W), wdw, [wdw.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0],
@@ -242,6 +244,9 @@ class MixFFN(nn.Module):
             conv = self.dwconv.dwconv
             return _LeanMixFFN.apply(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
                                      self.fc2.weight, self.fc2.bias, H, W)
+        if not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+            # No autograd (the teacher): GELU in place on the conv's fresh output, same values.
+            return self.fc2(torch.ops.aten.gelu_(self.dwconv(self.fc1(x), H, W)))
         return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
 
 
