@@ -224,7 +224,8 @@ class MixFFN(nn.Module):
 
     Training with grad on a non-reference backend (the student) uses :class:`_LeanMixFFN`,
     which saves only ``x`` and recomputes the hidden activations in backward; eval, no-grad
-    (the teacher), tracing, autocast and the ``reference`` backend run the plain modules.
+    (the teacher), tracing, autocast and the ``reference`` backend run the plain modules; without
+    autograd (outside ``reference`` and tracing) GELU runs in place, with the same values.
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -244,7 +245,8 @@ class MixFFN(nn.Module):
             conv = self.dwconv.dwconv
             return _LeanMixFFN.apply(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
                                      self.fc2.weight, self.fc2.bias, H, W)
-        if not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+        if (not torch.is_grad_enabled() and get_backend() != "reference" and not torch.jit.is_tracing()
+                and not torch.jit.is_scripting()):
             # No autograd (the teacher): GELU in place on the conv's fresh output, same values.
             return self.fc2(torch.ops.aten.gelu_(self.dwconv(self.fc1(x), H, W)))
         return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
