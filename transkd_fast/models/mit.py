@@ -188,6 +188,7 @@ class _LeanMixFFN(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
         x, w1, b1, wdw, bdw, w2 = ctx.saved_tensors
         H, W = ctx.hw
