@@ -134,7 +134,9 @@ class SegFormerHead(nn.Module):
         weights, bias, bn_folded = self._folded_weights()
         f1 = features[0]
         size = f1.shape[-2:]
-        acc = tokens_to_nchw(F.linear(nchw_to_tokens(f1), weights[0]), *size)
+        # Accumulate in token layout: acc is then a base tensor, not a permuted view, so the
+        # in-place adds below need no CopySlices (a clone + copy of the whole grad) in backward.
+        acc = F.linear(nchw_to_tokens(f1), weights[0])
         # Without autograd, the three upsamplings share one output buffer: a fresh buffer of this
         # size costs more (page faults) than the interpolation itself. Same op, same result.
         reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -146,13 +148,14 @@ class SegFormerHead(nn.Module):
             t = tokens_to_nchw(F.linear(nchw_to_tokens(f), weights[i], bias if i == 3 else None), *f.shape[-2:])
             if t.shape[-2:] != size:
                 if reuse:
-                    buf = torch.empty_like(acc) if buf is None else buf
+                    buf = torch.empty_like(tokens_to_nchw(acc, *size)) if buf is None else buf
                     t = torch.ops.aten.upsample_bilinear2d.out(t, list(size), False, None, None, out=buf)
                 else:
                     t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
             # In place: acc is a fresh Linear output that autograd does not save, and a new
             # 1/4-resolution buffer per term would cost more than the add (page faults).
-            acc.add_(t)
+            acc.add_(nchw_to_tokens(t))
+        acc = tokens_to_nchw(acc, *size)
         if not bn_folded:
             acc = self.linear_fuse.bn(acc)
         return F.relu(acc, inplace=True)
