@@ -106,26 +106,13 @@ def demo_config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def _gflops(model: torch.nn.Module, h: int, w: int) -> tuple[dict, str]:
     """GFLOPs (one multiply-add = one FLOP) at 1×3×h×w in both conventions."""
+    from transkd_fast.flops import analyze, original_head
+
     x = torch.randn(1, 3, h, w, device=next(model.parameters()).device)
-    try:
-        from transkd_fast.flops import count_flops_both
-
-        flops = count_flops_both(model, x)
-        how = "transkd_fast.flops (fvcore with the project's op handles)"
-    except ImportError:
-        from fvcore.nn import FlopCountAnalysis
-
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            fa = FlopCountAnalysis(model, (x,))
-            fa.unsupported_ops_warnings(False)
-            fa.uncalled_modules_warnings(False)
-            total = int(fa.total())
-        model.train(was)
-        flops = {"full": total, "paper": total}
-        how = "plain fvcore (custom ops not counted)"
-    return {k: v / 1e9 for k, v in flops.items()}, how
+    # Counted as the zoo table counts: eval mode, the decode head unfolded as in the original.
+    with original_head(model):
+        count = analyze(model, (x,))
+    return {"full": count.full / 1e9, "paper": count.paper / 1e9}, "transkd_fast.flops (fvcore + op handles)"
 
 
 def _train_cfg(cfg: DemoConfig, name: str, seed: int, steps: int, **kw) -> TrainConfig:
