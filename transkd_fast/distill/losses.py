@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from transkd_fast.data.cityscapes import CITYSCAPES_CLASS_WEIGHTS as _TRAIN_ID_WEIGHTS
 from transkd_fast.ops.hcl import hcl_loss
 from transkd_fast.ops.kl_div import kd_kl_div
 from transkd_fast.ops.weighted_mse import weighted_mse
@@ -20,12 +21,8 @@ from transkd_fast.ops.weighted_mse import weighted_mse
 FEATURE_LOSSES = ("hcl", "cwd", "kl")
 
 # ERFNet's hand-set Cityscapes class weights used by the original TransKD training scripts:
-# 19 train ids, then void (id 19) with weight 0.
-CITYSCAPES_CLASS_WEIGHTS = (
-    2.5959737, 6.741505, 3.5353868, 9.866315, 9.690922, 9.369371, 10.289124, 9.953209, 4.3098087,
-    9.490392, 7.674411, 9.396925, 10.347794, 6.3928986, 10.226673, 10.241072, 10.28059, 10.396977,
-    10.05567, 0.0,
-)
+# the 19 train ids (one table, in transkd_fast.data.cityscapes), then void (id 19) with weight 0.
+CITYSCAPES_CLASS_WEIGHTS = _TRAIN_ID_WEIGHTS + (0.0,)
 
 
 def check_stage_pairs(what: str, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
