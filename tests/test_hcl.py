@@ -141,6 +141,37 @@ def test_strided_views(backend):
 
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_channels_last_pairs(backend):
+    # Both maps channels_last (what CSF and the MiT stages produce): the torch backend's grid path
+    # runs in that layout and hands back channels_last gradients; 13×27 takes the other path.
+    def make(fs, ft):
+        cl = torch.channels_last
+        return ([f.detach().contiguous(memory_format=cl).requires_grad_() for f in fs],
+                [t.detach().contiguous(memory_format=cl).requires_grad_() for t in ft])
+
+    shapes = [(2, 16, 8, 12), (2, 5, 32, 64), (1, 3, 13, 27)]
+    _check_fp32(shapes, backend, ft_grad=True, make=make)
+    fs, ft = make(*_pairs(shapes, ft_grad=True))
+    grads = torch.autograd.grad(hcl_loss(fs, ft, backend=backend), fs + ft)
+    for i, g in enumerate(grads):
+        grid = backend == "torch" and i % 3 != 2
+        assert g.is_contiguous(memory_format=torch.channels_last if grid else torch.contiguous_format), (i, g.stride())
+
+
+def test_opcheck_backward_channels_last():
+    # The fake impl declares the gradients' memory format per backend and path; opcheck compares
+    # it with the real outputs.
+    cl = torch.channels_last
+    fs = [torch.randn(2, 4, 8, 12).contiguous(memory_format=cl), torch.randn(1, 2, 13, 27).contiguous(memory_format=cl)]
+    ft = [torch.randn_like(f) for f in fs]
+    pooled = torch.ops.transkd_fast.hcl_loss(fs, ft, "torch")[1]
+    for backend in ("torch", "triton"):
+        torch.library.opcheck(torch.ops.transkd_fast.hcl_loss_backward.default,
+                              (torch.ones(()), fs, ft, pooled, [True, True], backend),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_transkd_stage_32x64_c64(backend):
     _check_fp32([(1, 64, 32, 64)], backend, ft_grad=False)
 

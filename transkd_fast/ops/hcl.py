@@ -122,15 +122,48 @@ def _on_device(t: torch.Tensor):
 # ---------------------------------------------------------------------------------------
 # torch backend: fast eager. Pooling is linear, so the pooled terms come from pool(d).
 #
-# Grid path (H, W divisible by 4, H > 4, contiguous maps: every TransKD stage): the bins of
-# l = 2 and l = 1 are unions of equal l = 4 bins, so one 4×4 pooling of each map gives every
-# level; backward is one 4×4 coefficient grid broadcast over the blocks of fs and ft, written
-# by two fused multiply-adds (no d, no per-level upsampling).
+# Grid path (H, W divisible by 4, H > 4, both maps contiguous or both channels_last: every
+# TransKD stage): the bins of l = 2 and l = 1 are unions of equal l = 4 bins, so one 4×4 pooling
+# of each map gives every level; backward is one 4×4 coefficient grid broadcast over the blocks
+# of fs and ft, written by two fused multiply-adds (no d, no per-level upsampling). The
+# gradients keep fs's memory format: the convolutions that produced a channels_last map get a
+# channels_last gradient, not a copy in the other layout.
 
 
-def _grid_path(fs, ft) -> bool:
+def _grid_format(fs, ft) -> Optional[torch.memory_format]:
+    """The memory format of the grid path for this pair, or None when the pair does not take it."""
     H, W = fs.shape[-2:]
-    return H > 4 and H % 4 == 0 and W % 4 == 0 and fs.is_contiguous() and ft.is_contiguous()
+    if H <= 4 or H % 4 or W % 4:
+        return None
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        if fs.is_contiguous(memory_format=fmt) and ft.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
+def _grid_blocks(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A view of ``t`` [N, C, H, W] split into its 4×4 grid of blocks, in ``t``'s memory order:
+    [N, C, 4, H/4, 4, W/4] (contiguous) or [N, 4, H/4, 4, W/4, C] (channels_last)."""
+    N, C, H, W = t.shape
+    if fmt == torch.channels_last:
+        return t.permute(0, 2, 3, 1).view(N, 4, H // 4, 4, W // 4, C)
+    return t.view(N, C, 4, H // 4, 4, W // 4)
+
+
+def _grid_unblock(g: torch.Tensor, fmt: torch.memory_format, shape) -> torch.Tensor:
+    """Inverse of :func:`_grid_blocks` for a fresh block tensor: the [N, C, H, W] view."""
+    N, C, H, W = shape
+    if fmt == torch.channels_last:
+        return g.view(N, H, W, C).permute(0, 3, 1, 2)
+    return g.view(N, C, H, W)
+
+
+def _grid_coefs(q: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """The [N, C, 4, 4] per-bin coefficients broadcastable against :func:`_grid_blocks`."""
+    N, C = q.shape[:2]
+    if fmt == torch.channels_last:
+        return q.permute(0, 2, 3, 1).reshape(N, 4, 1, 4, 1, C)
+    return q.view(N, C, 4, 1, 4, 1)
 
 
 def _torch_forward(fs_list, ft_list):
@@ -141,7 +174,7 @@ def _torch_forward(fs_list, ft_list):
         fs, ft = fs.to(acc), ft.to(acc)
         c0, cl = _stage_coefs(fs.shape)
         slots = fs.new_zeros(N * C, SLOTS)
-        if _grid_path(fs, ft):
+        if _grid_format(fs, ft) is not None:
             terms.append(F.mse_loss(fs, ft, reduction="sum") * c0)
             p4 = F.adaptive_avg_pool2d(fs, 4) - F.adaptive_avg_pool2d(ft, 4)
             levels = {4: p4, 2: p4.view(N, C, 2, 2, 2, 2).mean((3, 5)), 1: p4.mean((2, 3))}
@@ -169,20 +202,20 @@ def _torch_backward(grad, fs_list, ft_list, pooled, need_ft):
         off += N * C * SLOTS
         level = {lv: slots[:, _SLOT_OF_LEVEL[lv]:_SLOT_OF_LEVEL[lv] + lv * lv].reshape(N, C, lv, lv) for lv in cl}
         # ∂loss/∂(pooled mean) = 2·c_l·P; spread over a bin: ÷ its area.
-        if _grid_path(fs, ft):
+        fmt = _grid_format(fs, ft)
+        if fmt is not None:
             q = level[4] * (2.0 * cl[4] * 16 / (H * W))
             q = q + (level[2] * (2.0 * cl[2] * 4 / (H * W))).repeat_interleave(2, 2).repeat_interleave(2, 3)
             q = (q + level[1] * (2.0 * cl[1] / (H * W))) * grad
             a0 = grad * (2.0 * c0)
-            blocks = (N, C, 4, H // 4, 4, W // 4)
-            g = torch.addcmul(q.view(N, C, 4, 1, 4, 1), fs.view(blocks), a0)
-            g = g.addcmul_(ft.view(blocks), a0, value=-1.0).view(N, C, H, W)
+            g = torch.addcmul(_grid_coefs(q, fmt), _grid_blocks(fs, fmt), a0)
+            g = _grid_unblock(g.addcmul_(_grid_blocks(ft, fmt), a0, value=-1.0), fmt, fs.shape)
         else:
             d = fs - ft
             g = d * (2.0 * c0)
             for lv, c in cl.items():
                 g = g + torch.ops.aten._adaptive_avg_pool2d_backward(level[lv] * (2.0 * c), d)
-            g = g * grad
+            g = (g * grad).contiguous()  # the layout the fake impl declares for this path
         gfs.append(g.to(fs_in.dtype))
         if want_ft:
             gft.append((-g).to(ft_in.dtype))
@@ -254,11 +287,22 @@ def _hcl_backward_op(grad: torch.Tensor, student_feats: list[torch.Tensor], teac
     return _BACKWARD[backend](grad, student_feats, teacher_feats, pooled, need_ft)
 
 
+def _grad_format(fs: torch.Tensor, ft: torch.Tensor, backend: str) -> torch.memory_format:
+    """The memory format of both gradients of one stage: the triton kernels write contiguous
+    NCHW; the torch backend's grid path keeps fs's layout, its other path is contiguous."""
+    if backend == "torch":
+        fmt = _grid_format(fs, ft)
+        if fmt is not None:
+            return fmt
+    return torch.contiguous_format
+
+
 @_hcl_backward_op.register_fake
 def _(grad, student_feats, teacher_feats, pooled, need_ft, backend):
-    return ([torch.empty_like(fs, memory_format=torch.contiguous_format) for fs in student_feats]
-            + [torch.empty_like(ft, memory_format=torch.contiguous_format)
-               for ft, want in zip(teacher_feats, need_ft) if want])
+    fmts = [_grad_format(fs, ft, backend) for fs, ft in zip(student_feats, teacher_feats)]
+    return ([torch.empty_like(fs, memory_format=f) for fs, f in zip(student_feats, fmts)]
+            + [torch.empty_like(ft, memory_format=f)
+               for ft, f, want in zip(teacher_feats, fmts, need_ft) if want])
 
 
 def _setup_context(ctx, inputs, output):
