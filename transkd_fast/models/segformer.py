@@ -93,8 +93,16 @@ class SegFormerHead(nn.Module):
         y = self._fused_folded(features) if self.fold else self._fused_unfolded(features)
         y = self.dropout(y)
         B, _, H, W = y.shape
+        pred_w = self.linear_pred.weight.flatten(1)
+        if self.fold and torch.is_grad_enabled() and y.is_contiguous(memory_format=torch.channels_last):
+            # Training: predict in token layout, then copy the small K-channel logits to NCHW. The
+            # gradient reaching the ReLU, Dropout2d and BatchNorm is then channels_last like their
+            # saved tensors; the NCHW matmul below would hand them an NCHW gradient, and every
+            # backward elementwise op over the E-channel map would mix the two layouts.
+            logits = F.linear(nchw_to_tokens(y), pred_w, self.linear_pred.bias)
+            return tokens_to_nchw(logits, H, W).contiguous()
         # W [K, E] @ y [B, E, h·w] writes contiguous NCHW logits whatever y's memory format.
-        logits = torch.matmul(self.linear_pred.weight.flatten(1), y.flatten(2))
+        logits = torch.matmul(pred_w, y.flatten(2))
         logits = logits + self.linear_pred.bias[:, None]
         return logits.view(B, self.num_classes, H, W)
 
