@@ -24,13 +24,14 @@ contiguous tokens without a copy. Stage features are therefore NCHW-shaped tenso
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from transkd_fast.backend import get_backend
+from transkd_fast.ops import onednn
 from transkd_fast.ops.attention import efficient_attention
 
 # name: (embed_dims, depths, num_heads, mlp_ratios, sr_ratios)
@@ -130,16 +131,17 @@ class EfficientSelfAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim, eps=sr_norm_eps)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, H: int, W: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention output ``[B, N, C]``, plus ``residual`` when given (fused on the oneDNN path)."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(B, N, h, d)
+        q = onednn.linear(x, self.q.weight, self.q.bias).view(B, N, h, d)
         if self.sr_ratio > 1:
             x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))  # [B, Nkv, C]
-        kv = self.kv(x).view(B, x.shape[1], 2, h, d)  # row n: [k heads | v heads]
+        kv = onednn.linear(x, self.kv.weight, self.kv.bias).view(B, x.shape[1], 2, h, d)  # row: [k heads | v heads]
         out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
         # torch/triton backends return contiguous [B, N, h, d] (a free view); reference may copy.
-        return self.proj(out.reshape(B, N, C))
+        return onednn.linear(out.reshape(B, N, C), self.proj.weight, self.proj.bias, residual)
 
 
 class DWConv(nn.Module):
@@ -175,6 +177,16 @@ class _LeanMixFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, wdw, bdw, w2, b2, H: int, W: int):
         with torch.no_grad():
+            if onednn.fast_path(x):
+                # fc1, conv + GELU and fc2 as three oneDNN primitives (the values differ from the
+                # ATen ops only by rounding; backward recomputes with the ATen ops it differentiates).
+                h = onednn.linear(x, w1, b1)
+                g = onednn.dwconv_gelu(tokens_to_nchw(h, H, W), wdw, bdw)
+                del h
+                out = onednn.linear(nchw_to_tokens(g), w2, b2)
+                ctx.save_for_backward(x, w1, b1, wdw, bdw, w2)
+                ctx.hw = (H, W)
+                return out
             _, d = _mixffn_hidden(x, w1, b1, wdw, bdw, H, W)
             # GELU in place (d is not kept; a fresh hidden-size buffer costs page faults), on the
             # token view: ATen's GELU rounds differently on the 4-D channels_last view.
@@ -241,11 +253,19 @@ class MixFFN(nn.Module):
                 and not torch.is_autocast_enabled(x.device.type)
                 and x.is_contiguous() and x.dim() == 3)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, H: int, W: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """MixFFN output ``[B, N, C]``; ``residual`` is accepted only on the oneDNN path, which fuses it."""
         if self._lean(x):
             conv = self.dwconv.dwconv
             return _LeanMixFFN.apply(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
                                      self.fc2.weight, self.fc2.bias, H, W)
+        if residual is not None:
+            if not onednn.fast_path(x):
+                raise RuntimeError("MixFFN: `residual` is fused only on the oneDNN inference path")
+            conv = self.dwconv.dwconv
+            hid = onednn.linear(x, self.fc1.weight, self.fc1.bias)
+            g = onednn.dwconv_gelu(tokens_to_nchw(hid, H, W), conv.weight, conv.bias)
+            return onednn.linear(nchw_to_tokens(g), self.fc2.weight, self.fc2.bias, residual)
         if (not torch.is_grad_enabled() and get_backend() != "reference" and not torch.jit.is_tracing()
                 and not torch.jit.is_scripting()):
             # No autograd (the teacher): GELU in place on the conv's fresh output, same values.
@@ -266,6 +286,11 @@ class Block(nn.Module):
         self.mlp = MixFFN(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if onednn.fast_path(x) and not (self.training and isinstance(self.drop_path, DropPath)):
+            # No autograd on CPU (the teacher, inference): the residual adds ride in the oneDNN
+            # matmuls of proj and fc2.
+            x = self.attn(self.norm1(x), H, W, residual=x)
+            return self.mlp(self.norm2(x), H, W, residual=x)
         # Residual sums land in the branch's fresh output (a Linear's or DropPath's, neither saved
         # for backward), never in x: x may be the patch embedding handed out to the caller.
         x = self.drop_path(self.attn(self.norm1(x), H, W)).add_(x)
