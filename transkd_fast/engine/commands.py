@@ -59,6 +59,7 @@ HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "num_workers": "DataLoader workers",
     "sync_bn": "synchronize BatchNorm statistics across DDP ranks",
+    "cpu_allocator": "tuned (glibc keeps freed memory for the next step: no page faults) | default (CPU runs)",
     "output_dir": "where checkpoints, metrics.jsonl and PNGs go",
     "resume": "checkpoint to resume from, or 'auto' (<output-dir>/last.pt if present)",
     "ckpt_every": "checkpoint every N steps (0: only at the end)",

@@ -41,8 +41,10 @@ class TrainConfig(DataConfig):
     """``train`` (one network) and ``distill`` (student + frozen teacher) runs.
 
     Steps are optimizer steps; ``batch_size`` is the *global* batch (split over DDP ranks).
-    Optimizer AdamW(lr, betas, weight_decay, eps) and the polynomial schedule
-    ``lr · (1 − step/steps)^poly_power``, stepped every step.
+    Optimizer AdamW(lr, betas, weight_decay, eps) (PyTorch's fused implementation: one kernel
+    for all parameters) and the polynomial schedule ``lr · (1 − step/steps)^poly_power``,
+    stepped every step. On CPU, ``cpu_allocator="tuned"`` applies
+    :func:`transkd_fast.runtime.tune_cpu_allocator` before the run.
     """
 
     model: str = "segformer_b0"
@@ -69,6 +71,7 @@ class TrainConfig(DataConfig):
     device: str = "auto"                   # "auto" | "cpu" | "cuda" | "cuda:1" ...
     num_workers: int = 0
     sync_bn: bool = True                   # synchronize BatchNorm statistics under DDP
+    cpu_allocator: str = "tuned"           # "tuned" (keep freed memory for reuse) | "default"; CPU runs only
     # bookkeeping
     output_dir: str = "runs/train"
     resume: Optional[str] = None           # a checkpoint path, or "auto" = <output_dir>/last.pt if it exists
