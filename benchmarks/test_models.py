@@ -10,10 +10,14 @@ Groups (each variant in the same run, same weights, same inputs):
   runs (backbone only, no grad); ``original`` = the original's full teacher forward (head
   included, unfolded, reference backend); ``hf`` = HF B2 with hidden states.
 - ``transkd-base-step``: one TransKD-Base training step (teacher B2 → student B0): forward,
-  backward, AdamW step. ``original`` = reference backend everywhere (attention, CSF, losses),
-  unfolded head, full teacher forward. The first-step losses are compared.
-- ``transkd-base-step-rss``: the same step, each variant in a fresh subprocess, reading peak
-  RSS (``ru_maxrss``) and the step loss there (timed body: the ours/original step there).
+  backward, AdamW step, each variant in its own fresh worker process (timed: one request =
+  one step there). ``ours`` = the default backend with the engine's settings (fused AdamW,
+  tuned glibc allocator, :mod:`transkd_fast.runtime`); ``original`` = reference backend
+  everywhere (attention, CSF, losses), unfolded head, full teacher forward, per-parameter
+  AdamW, glibc defaults. ``ours-default-allocator`` / ``original-tuned-allocator`` swap the
+  allocator setting, to separate its share from the code's. First-step losses are compared.
+- ``transkd-base-step-rss``: ours and original in two fresh processes stepped alternately:
+  peak RSS (VmHWM), losses, and the interleaved ratio of their step-time medians.
 
 CPU shapes stay small enough for ``pytest benchmarks/ --benchmark-only`` to finish in minutes
 (1024×2048 inference: one timed round after one warm-up on CPU, ≈ 5 / 10 / 14 s per call for
@@ -25,7 +29,6 @@ baselines (median ours / median baseline).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import resource
@@ -57,9 +60,9 @@ def _record(benchmark, group: str, variant: str, **info) -> None:
     _MEDIANS.setdefault(group, {})[variant] = med
     benchmark.extra_info.update({"device": str(DEVICE), "variant": variant, "group": group,
                                  "threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0], **info})
-    if variant == "ours":
+    if variant.startswith("ours"):
         for other, m in _MEDIANS[group].items():
-            if other != "ours":
+            if not other.startswith("ours"):
                 benchmark.extra_info[f"ratio_vs_{other}"] = med / m
 
 
@@ -207,8 +210,16 @@ def test_teacher_kd_forward(benchmark, distiller, variant):
 
 
 def make_step(d, original: bool):
-    """A closure running one TransKD-Base training step; returns the loss (a float)."""
-    opt = torch.optim.AdamW(list(d.trainable_parameters()), lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
+    """A closure running one TransKD-Base training step; returns the loss (a float).
+
+    ``ours`` uses the engine's optimizer (:func:`~transkd_fast.engine.trainer.make_optimizer`,
+    fused AdamW); ``original`` the default (per-parameter loop) AdamW the original code ran.
+    """
+    from transkd_fast.engine.trainer import make_optimizer
+
+    hyper = dict(lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
+    params = list(d.trainable_parameters())
+    opt = torch.optim.AdamW(params, **hyper) if original else make_optimizer(params, **hyper)
     images, labels = _batch()
     if original:
         d.uses_teacher_logits = True  # the original ran the teacher's full forward (logits unused)
@@ -225,39 +236,15 @@ def make_step(d, original: bool):
     return step
 
 
-def _first_loss(d, original: bool) -> float:
-    """The loss of the first step from ``d``'s state (seeded dropout / drop-path)."""
-    d = copy.deepcopy(d)
-    if original:
-        d.uses_teacher_logits = True
-    d.train()
-    images, labels = _batch()
-    torch.manual_seed(123)
-    ctx = original_style(d.student, d.teacher) if original else contextlib.nullcontext()
-    with ctx:
-        return float(d(images, labels)["loss"].detach())
-
-
-@pytest.mark.parametrize("variant", ["original", "ours"])
-def test_transkd_base_step(benchmark, distiller, variant):
-    group = "transkd-base-step"
-    benchmark.group = group
-    original = variant == "original"
-    d = copy.deepcopy(distiller)
-    step = make_step(d, original)
-    ctx = original_style(d.student, d.teacher) if original else contextlib.nullcontext()
-    with ctx:
-        benchmark.pedantic(step, rounds=2 if ON_CPU else 10, warmup_rounds=1, iterations=1)
-    info = {"shape": list(STEP_SHAPE), "teacher": "segformer_b2", "student": "segformer_b0", "variant_kd": "base"}
-    if variant == "ours":
-        l_ours, l_orig = _first_loss(distiller, False), _first_loss(distiller, True)
-        info.update(loss_ours=l_ours, loss_original=l_orig, loss_rel_diff=abs(l_ours - l_orig) / abs(l_orig))
-        assert info["loss_rel_diff"] < 1e-4, info
-    _record(benchmark, group, variant, **info)
-
-
-# ---------------------------------------------------------------------------------------
-# Peak RSS: each variant in a fresh process.
+# Step variants: (code path, glibc allocator). ``ours`` runs as the engine does on CPU (tuned
+# allocator, transkd_fast.runtime); the two cross variants say how much of the gap is the
+# allocator setting and how much the code.
+STEP_VARIANTS = {
+    "original": ("original", "default"),
+    "ours": ("ours", "tuned"),
+    "ours-default-allocator": ("ours", "default"),
+    "original-tuned-allocator": ("original", "tuned"),
+}
 
 
 def peak_rss_kib() -> int:
@@ -273,33 +260,100 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _worker(variant: str, steps: int) -> dict:
+def _serve(variant: str) -> None:
+    """Worker process: build the distiller, then run one step per ``step`` line on stdin.
+
+    Replies one JSON line per request: ``ready`` (peak RSS before any step), ``step`` (loss,
+    seconds inside this process, peak RSS so far), ``quit``.
+    """
+    code, allocator = STEP_VARIANTS[variant]
+    if allocator == "tuned":
+        from transkd_fast.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     torch.set_num_threads(int(os.environ.get("TRANSKD_BENCH_THREADS", torch.get_num_threads())))
-    original = variant == "original"
+    original = code == "original"
     d = _build_distiller()
     step = make_step(d, original)
-    rss_before = peak_rss_kib()
     ctx = original_style(d.student, d.teacher) if original else contextlib.nullcontext()
-    times, losses = [], []
-    torch.manual_seed(123)
+    torch.manual_seed(123)  # drop-path and Dropout2d masks: the same in every variant
+    print(json.dumps({"ready": True, "peak_rss_kib": peak_rss_kib()}), flush=True)
     with ctx:
-        for _ in range(steps):
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
             t0 = time.perf_counter()
-            losses.append(step())
-            times.append(time.perf_counter() - t0)
-    rss = peak_rss_kib()
-    return {"variant": variant, "peak_rss_kib": rss, "rss_before_step_kib": rss_before,
-            "step_peak_kib": rss - rss_before, "times": times, "losses": losses}
+            loss = step()
+            print(json.dumps({"loss": loss, "s": time.perf_counter() - t0, "peak_rss_kib": peak_rss_kib()}),
+                  flush=True)
 
 
-def run_worker(variant: str, steps: int = 3) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONSAFEPATH"] = "1"
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", variant, str(steps)],
-                         capture_output=True, text=True, env=env, timeout=1200)
-    if res.returncode != 0:
-        raise RuntimeError(f"worker {variant} failed:\n{res.stderr[-4000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+class StepWorker:
+    """A fresh Python process running TransKD-Base steps of one variant on request.
+
+    Each variant gets its own process: the allocator setting is process-wide, and a fresh
+    process also gives a clean peak RSS. A request costs a pipe round trip (~0.1 ms).
+    """
+
+    def __init__(self, variant: str):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONSAFEPATH"] = "1"
+        self.variant = variant
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", variant],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.ready = self._read()
+        self.replies: list[dict] = []
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()
+            raise RuntimeError(f"step worker {self.variant} died:\n{err[-4000:]}")
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        self.replies.append(reply)
+        return reply["loss"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def step_workers():
+    workers: dict[str, StepWorker] = {}
+    yield workers
+    for w in workers.values():
+        w.close()
+
+
+@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
+def test_transkd_base_step(benchmark, step_workers, variant):
+    group = "transkd-base-step"
+    benchmark.group = group
+    w = step_workers[variant] = StepWorker(variant)
+    benchmark.pedantic(w.step, rounds=5 if ON_CPU else 10, warmup_rounds=1, iterations=1)
+    code, allocator = STEP_VARIANTS[variant]
+    info = {"shape": list(STEP_SHAPE), "teacher": "segformer_b2", "student": "segformer_b0", "variant_kd": "base",
+            "code": code, "cpu_allocator": allocator, "process": "fresh worker process per variant",
+            "first_loss": w.replies[0]["loss"], "in_process_step_s": [r["s"] for r in w.replies]}
+    base = step_workers.get("original")
+    if base is not None and variant != "original":
+        info["first_loss_rel_diff_vs_original"] = abs(w.replies[0]["loss"] - base.replies[0]["loss"]) / abs(
+            base.replies[0]["loss"])
+        assert info["first_loss_rel_diff_vs_original"] < 1e-4, info
+    _record(benchmark, group, variant, **info)
+
+
+# ---------------------------------------------------------------------------------------
+# Peak RSS (fresh processes), with an interleaved timing of ours vs original.
 
 
 def _median(xs):
@@ -310,31 +364,45 @@ def _median(xs):
 @pytest.mark.skipif(not ON_CPU, reason="peak RSS is a CPU measure (on CUDA see torch.cuda.max_memory_allocated)")
 def test_transkd_base_step_peak_rss(benchmark):
     benchmark.group = "transkd-base-step-rss"
+    steps = 4
     results = {}
 
     def both():
-        results["original"] = run_worker("original")
-        results["ours"] = run_worker("ours")
+        # Both workers alive at once and stepped alternately, so that a slow spell of a shared
+        # machine hits both variants alike; the ratio of their medians is the interleaved ratio.
+        ws = {v: StepWorker(v) for v in ("original", "ours")}
+        try:
+            for _ in range(steps):
+                for w in ws.values():
+                    w.step()
+        finally:
+            for w in ws.values():
+                w.close()
+        results.update(ws)
 
     benchmark.pedantic(both, rounds=1, iterations=1)
     o, b = results["ours"], results["original"]
+    peak = {k: w.replies[-1]["peak_rss_kib"] for k, w in results.items()}
+    before = {k: w.ready["peak_rss_kib"] for k, w in results.items()}
+    times = {k: [r["s"] for r in w.replies] for k, w in results.items()}
     benchmark.extra_info.update({
         "device": str(DEVICE), "shape": list(STEP_SHAPE),
-        "what": "3 steps per fresh process; peak RSS = VmHWM of the whole process",
-        "peak_rss_mib_ours": o["peak_rss_kib"] / 1024, "peak_rss_mib_original": b["peak_rss_kib"] / 1024,
-        "peak_rss_ratio": o["peak_rss_kib"] / b["peak_rss_kib"],
-        "step_rss_growth_mib_ours": o["step_peak_kib"] / 1024,
-        "step_rss_growth_mib_original": b["step_peak_kib"] / 1024,
-        "step_rss_growth_ratio": o["step_peak_kib"] / max(b["step_peak_kib"], 1),
-        "first_step_s_ours": o["times"][0], "first_step_s_original": b["times"][0],
-        "later_steps_median_s_ours": _median(o["times"][1:]), "later_steps_median_s_original": _median(b["times"][1:]),
-        "later_steps_ratio": _median(o["times"][1:]) / _median(b["times"][1:]),
-        "loss_ours": o["losses"][0], "loss_original": b["losses"][0],
-        "loss_rel_diff": abs(o["losses"][0] - b["losses"][0]) / abs(b["losses"][0]),
+        "what": f"{steps} steps per fresh process, ours and original stepped alternately; "
+                "peak RSS = VmHWM of the whole process; ours runs as the engine does (tuned allocator)",
+        "peak_rss_mib_ours": peak["ours"] / 1024, "peak_rss_mib_original": peak["original"] / 1024,
+        "peak_rss_ratio": peak["ours"] / peak["original"],
+        "rss_before_step_mib_ours": before["ours"] / 1024, "rss_before_step_mib_original": before["original"] / 1024,
+        "step_rss_growth_ratio": (peak["ours"] - before["ours"]) / max(peak["original"] - before["original"], 1),
+        "first_step_s_ours": times["ours"][0], "first_step_s_original": times["original"][0],
+        "later_steps_median_s_ours": _median(times["ours"][1:]),
+        "later_steps_median_s_original": _median(times["original"][1:]),
+        "later_steps_ratio_interleaved": _median(times["ours"][1:]) / _median(times["original"][1:]),
+        "loss_ours": o.replies[0]["loss"], "loss_original": b.replies[0]["loss"],
+        "loss_rel_diff": abs(o.replies[0]["loss"] - b.replies[0]["loss"]) / abs(b.replies[0]["loss"]),
     })
     assert benchmark.extra_info["loss_rel_diff"] < 1e-4, benchmark.extra_info
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-        print(json.dumps(_worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--serve":
+        _serve(sys.argv[2])
