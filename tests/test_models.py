@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close_rel
 
 import transkd_fast
@@ -140,6 +141,79 @@ def test_segformer_folded_head_matches_original_in_eval_and_train():
     for n, g in grads[False][1].items():
         if n.startswith("decode_head") and n.endswith("weight"):
             assert_close_rel(grads[True][1][n], g, 1e-4, f"grad {n}")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("p_drop", [0.1, 0.0])
+def test_fused_head_tail_matches_modules(momentum, p_drop):
+    # _HeadTail (BN train → ReLU → Dropout2d → linear_pred on tokens) against the plain modules:
+    # logits, every gradient, the running statistics and the batch counter, same dropout masks.
+    from transkd_fast.models.mit import nchw_to_tokens, tokens_to_nchw
+
+    torch.manual_seed(0)
+    heads = {}
+    for kind in ("fused", "plain"):
+        torch.manual_seed(0)
+        h = build_model("segformer_b0", num_classes=6, dropout=p_drop).decode_head.train()
+        h.linear_fuse.bn.momentum = momentum
+        with torch.no_grad():
+            h.linear_fuse.bn.weight.uniform_(0.5, 1.5)
+            h.linear_fuse.bn.bias.normal_()
+        heads[kind] = h
+    x0 = torch.randn(2, 5 * 7, 256) * 2 + 0.5
+    g = torch.randn(2, 6, 5, 7)
+    res = {}
+    for kind, h in heads.items():
+        x = x0.clone().requires_grad_()
+        for step in range(2):  # twice: the running statistics and the counter accumulate
+            torch.manual_seed(10 + step)
+            if kind == "fused":
+                assert h._train_tail_applies(x)
+                out = h._train_tail(x, 5, 7)
+            else:
+                y = h.dropout(F.relu(h.linear_fuse.bn(tokens_to_nchw(x, 5, 7))))
+                out = tokens_to_nchw(F.linear(nchw_to_tokens(y), h.linear_pred.weight.flatten(1),
+                                              h.linear_pred.bias), 5, 7).contiguous()
+        out.backward(g)
+        bn = h.linear_fuse.bn
+        res[kind] = [out, x.grad, bn.weight.grad, bn.bias.grad, h.linear_pred.weight.grad, h.linear_pred.bias.grad,
+                     bn.running_mean, bn.running_var]
+        assert int(bn.num_batches_tracked) == 2
+    names = ["logits", "d x", "d gamma", "d beta", "d W", "d b", "running_mean", "running_var"]
+    for name, a, b in zip(names, res["fused"], res["plain"]):
+        assert_close_rel(a, b, 1e-5, name)
+
+
+def test_fused_head_tail_gradcheck_float64():
+    from transkd_fast.models.segformer import _HeadTail
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    gamma = torch.rand(5, dtype=torch.float64).add_(0.5).requires_grad_()
+    beta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.25, 0.0, 1.25, 1.25, 1.25], [0.0, 1.25, 1.25, 0.0, 1.25]], dtype=torch.float64)[:, None]
+
+    def fn(x, gamma, beta, w, b):
+        rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+        return _HeadTail.apply(x, gamma, beta, w, b, mask, rm, rv, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (x, gamma, beta, w, b))
+
+
+def test_fused_head_tail_not_for_synchronized_bn():
+    from transkd_fast.engine.distributed import GlobalBatchNorm
+
+    head = build_model("segformer_b0", num_classes=4).decode_head.train()
+    acc = torch.randn(1, 12, 256)
+    assert head._train_tail_applies(acc)
+    bn = head.linear_fuse.bn
+    head.linear_fuse.bn = GlobalBatchNorm(bn.num_features)
+    assert not head._train_tail_applies(acc)  # cross-rank statistics: the module's own forward
+    head.linear_fuse.bn = bn
+    with torch.no_grad():
+        assert not head._train_tail_applies(acc)
 
 
 def test_attention_receives_strided_kv_views(monkeypatch):

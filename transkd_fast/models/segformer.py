@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, mit, nchw_to_tokens, tokens_to_nchw
+from transkd_fast.ops import onednn
 
 DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
 
@@ -68,6 +69,62 @@ class ConvModule(nn.Module):
         return F.relu(x) if self.act else x
 
 
+class _HeadTail(torch.autograd.Function):
+    """Training tail of the folded head on tokens ``x`` ``[B, N, E]``::
+
+        u = BN_train(x) = (x − μ) · γ/σ + β        μ, σ² over all B·N rows (biased σ²)
+        z = ReLU(u) · m_b                          m ``[B, 1, E]``: Dropout2d's scaled mask (or 1)
+        logits = z Wᵀ + b                          ``[B, N, K]``
+
+    Saves only ``x`` (already alive: the fold's sum), the per-channel statistics and the mask;
+    ``z`` is recomputed in backward for ∂W. The plain modules save three E-channel maps here
+    (BN's input, ReLU's output, the dropout output), and run one pass more over them in each
+    direction. Running statistics are updated as ``nn.BatchNorm2d`` does (unbiased σ²).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, w, b, mask, running_mean, running_var, momentum: float, eps: float):
+        B, N, E = x.shape
+        x2 = x.view(-1, E)
+        # BatchNorm's own statistics kernel: batch mean and biased variance, and the running
+        # statistics updated in place with the unbiased one, as nn.BatchNorm2d does.
+        mean, var = torch.ops.aten.batch_norm_update_stats(x2, running_mean, running_var, momentum)
+        invstd = torch.rsqrt(var + eps)
+        z = _HeadTail._activation(x, gamma, beta, mean, invstd, mask)
+        logits = onednn.linear(z.view(-1, E), w, b).view(B, N, w.shape[0])
+        ctx.save_for_backward(x, gamma, beta, w, mean, invstd, mask)
+        ctx.eps = eps
+        return logits
+
+    @staticmethod
+    def _activation(x, gamma, beta, mean, invstd, mask):
+        """z = ReLU(x·s + t)·m = ReLU(x·(s·m) + t·m), m ≥ 0: one multiply-add pass and one ReLU."""
+        scale = gamma * invstd
+        shift = beta - mean * scale
+        if mask is not None:
+            scale, shift = scale * mask, shift * mask  # [B, 1, E]
+        return torch.addcmul(shift, x, scale).clamp_min_(0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, glogits):
+        x, gamma, beta, w, mean, invstd, mask = ctx.saved_tensors
+        B, N, E = x.shape
+        g2 = glogits.reshape(-1, w.shape[0])  # [B·N, K]
+        z = _HeadTail._activation(x, gamma, beta, mean, invstd, mask)
+        gw = g2.t().mm(z.view(-1, E))
+        gb = g2.sum(0)
+        gz = onednn.linear(g2, w.t().contiguous()).view(B, N, E)  # K = 20: oneDNN beats MKL's mm ~2×
+        if mask is not None:
+            gz.mul_(mask)
+        # ∂z/∂u = m·1[u > 0], and z > 0 exactly where m > 0 and u > 0.
+        gu = torch.ops.aten.threshold_backward.grad_input(gz, z, 0.0, grad_input=gz)
+        del z
+        gx, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
+            gu.view(-1, E), x.view(-1, E), gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+        return gx.view(B, N, E), ggamma, gbeta, gw, gb, None, None, None, None, None
+
+
 class SegFormerHead(nn.Module):
     """All-MLP decoder: ``linear_c{1..4}``, ``linear_fuse`` (conv + bn), ``dropout``, ``linear_pred``.
 
@@ -90,17 +147,19 @@ class SegFormerHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != 4:
             raise ValueError(f"SegFormerHead takes the 4 stage features, got {len(features)}")
-        y = self._fused_folded(features) if self.fold else self._fused_unfolded(features)
+        pred_w = self.linear_pred.weight.flatten(1)
+        if self.fold:
+            acc, bn_folded, (H, W) = self._folded_sum(features)
+            if not bn_folded and self._train_tail_applies(acc):
+                return self._train_tail(acc, H, W)
+            y = tokens_to_nchw(acc, H, W)
+            if not bn_folded:
+                y = self.linear_fuse.bn(y)
+            y = F.relu(y, inplace=True)
+        else:
+            y = self._fused_unfolded(features)
         y = self.dropout(y)
         B, _, H, W = y.shape
-        pred_w = self.linear_pred.weight.flatten(1)
-        if self.fold and torch.is_grad_enabled() and y.is_contiguous(memory_format=torch.channels_last):
-            # Training: predict in token layout, then copy the small K-channel logits to NCHW. The
-            # gradient reaching the ReLU, Dropout2d and BatchNorm is then channels_last like their
-            # saved tensors; the NCHW matmul below would hand them an NCHW gradient, and every
-            # backward elementwise op over the E-channel map would mix the two layouts.
-            logits = F.linear(nchw_to_tokens(y), pred_w, self.linear_pred.bias)
-            return tokens_to_nchw(logits, H, W).contiguous()
         # W [K, E] @ y [B, E, h·w] writes contiguous NCHW logits whatever y's memory format.
         logits = torch.matmul(pred_w, y.flatten(2))
         logits = logits + self.linear_pred.bias[:, None]
@@ -138,7 +197,9 @@ class SegFormerHead(nn.Module):
             bias = (bias - bn.running_mean) * g + bn.bias
         return weights, bias, bn_folded
 
-    def _fused_folded(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _folded_sum(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool, tuple[int, int]]:
+        """linear_fuse.conv(cat[u4, u3, u2, u1]) by the fold, as tokens ``[B, h_1·w_1, E]``
+        (BN folded in too in eval); returns ``(tokens, bn_folded, (h_1, w_1))``."""
         weights, bias, bn_folded = self._folded_weights()
         f1 = features[0]
         size = f1.shape[-2:]
@@ -163,10 +224,36 @@ class SegFormerHead(nn.Module):
             # In place: acc is a fresh Linear output that autograd does not save, and a new
             # 1/4-resolution buffer per term would cost more than the add (page faults).
             acc.add_(nchw_to_tokens(t))
-        acc = tokens_to_nchw(acc, *size)
-        if not bn_folded:
-            acc = self.linear_fuse.bn(acc)
-        return F.relu(acc, inplace=True)
+        return acc, bn_folded, (int(size[0]), int(size[1]))
+
+    def _train_tail_applies(self, acc: torch.Tensor) -> bool:
+        """The fused tail serves plain BatchNorm2d in training with running stats (not the
+        synchronized kinds DDP swaps in), Dropout2d or no dropout, with autograd recording."""
+        bn = self.linear_fuse.bn
+        return (torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+                and bn.track_running_stats and isinstance(self.dropout, (nn.Dropout2d, nn.Identity))
+                and acc.is_contiguous() and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+    def _train_tail(self, acc: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Training logits from the fold's tokens via :class:`_HeadTail` (same math as BN →
+        ReLU → Dropout2d → linear_pred, same running-stat update and dropout mask)."""
+        bn = self.linear_fuse.bn
+        B, N, E = acc.shape
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        mask = None
+        drop = self.dropout
+        if isinstance(drop, nn.Dropout2d) and drop.training and drop.p > 0:
+            # Dropout2d's own noise: one Bernoulli draw per (sample, channel), scaled by 1/(1-p),
+            # drawn from the same generator in the same order (F.dropout2d's values exactly).
+            keep = 1.0 - drop.p
+            mask = acc.new_empty(B, E, 1, 1).bernoulli_(keep).div_(keep).view(B, 1, E)
+        logits = _HeadTail.apply(acc, bn.weight, bn.bias, self.linear_pred.weight.flatten(1),
+                                 self.linear_pred.bias, mask, bn.running_mean, bn.running_var, momentum, bn.eps)
+        return tokens_to_nchw(logits, H, W).contiguous()
 
 
 class SegFormer(nn.Module):
