@@ -37,6 +37,30 @@ def test_linear_matches_aten(shape, n, with_bias, with_residual):
     assert rel_err(out, ref) <= 1e-6
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_with_autograd_matches_aten(with_bias):
+    # Training: oneDNN forward, ATen backward; every gradient as F.linear's, the output a base
+    # tensor (the MiT block adds its residual into it in place).
+    torch.manual_seed(1)
+    x = torch.randn(2, 33, 24, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if with_bias else None
+    g = torch.randn(2, 33, 40)
+    leaves = [t for t in (x, w, b) if t is not None]
+    out = onednn.linear(x, w, b)
+    assert out.grad_fn is not None and "_Linear" in type(out.grad_fn).__name__ and not out._is_view()
+    grads = torch.autograd.grad(out, leaves, g)
+    ref = F.linear(x, w, b)
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+    assert rel_err(out, ref) <= 1e-6
+    for a, r in zip(grads, ref_grads):
+        assert rel_err(a, r) <= 1e-6
+    out2 = onednn.linear(x, w, b, residual=torch.ones(2, 33, 40))
+    assert rel_err(out2, ref + 1) <= 1e-6
+    with transkd_fast.use_backend("reference"):  # the baseline keeps F.linear
+        assert onednn.linear(x, w, b).grad_fn.name() == F.linear(x, w, b).grad_fn.name()
+
+
 def test_linear_strided_input_takes_plain_path():
     x = torch.randn(8, 40)[:, ::2]  # non-contiguous: F.linear, same result
     w, r = torch.randn(6, 20), torch.randn(8, 6)
@@ -69,6 +93,8 @@ def test_fast_path_conditions():
             assert not onednn.fast_path(x)
         with transkd_fast.use_backend("torch"):
             assert onednn.fast_path(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast chooses F.linear's dtypes
+            assert not onednn.fast_path(x)
 
 
 def test_mixffn_residual_needs_fast_path():

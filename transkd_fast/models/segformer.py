@@ -205,7 +205,7 @@ class SegFormerHead(nn.Module):
         size = f1.shape[-2:]
         # Accumulate in token layout: acc is then a base tensor, not a permuted view, so the
         # in-place adds below need no CopySlices (a clone + copy of the whole grad) in backward.
-        acc = F.linear(nchw_to_tokens(f1), weights[0])
+        acc = onednn.linear(nchw_to_tokens(f1), weights[0])
         # Without autograd, the three upsamplings share one output buffer: a fresh buffer of this
         # size costs more (page faults) than the interpolation itself. Same op, same result.
         reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -214,7 +214,7 @@ class SegFormerHead(nn.Module):
             f = features[i]
             # The deepest stage carries every bias: bilinear weights sum to 1, so a constant
             # survives upsampling, and adding it at 1/32 resolution is nearly free.
-            t = tokens_to_nchw(F.linear(nchw_to_tokens(f), weights[i], bias if i == 3 else None), *f.shape[-2:])
+            t = tokens_to_nchw(onednn.linear(nchw_to_tokens(f), weights[i], bias if i == 3 else None), *f.shape[-2:])
             if t.shape[-2:] != size:
                 if reuse:
                     buf = torch.empty_like(tokens_to_nchw(acc, *size)) if buf is None else buf
@@ -228,11 +228,14 @@ class SegFormerHead(nn.Module):
 
     def _train_tail_applies(self, acc: torch.Tensor) -> bool:
         """The fused tail serves plain BatchNorm2d in training with running stats (not the
-        synchronized kinds DDP swaps in), Dropout2d or no dropout, with autograd recording."""
+        synchronized kinds DDP swaps in), Dropout2d or no dropout, fp32 without autocast, with
+        autograd recording."""
         bn = self.linear_fuse.bn
         return (torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
                 and bn.track_running_stats and isinstance(self.dropout, (nn.Dropout2d, nn.Identity))
-                and acc.is_contiguous() and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+                and acc.is_contiguous() and acc.dtype == torch.float32
+                and not torch.is_autocast_enabled(acc.device.type)
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
     def _train_tail(self, acc: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Training logits from the fold's tokens via :class:`_HeadTail` (same math as BN →

@@ -14,9 +14,11 @@ thin MiT shapes (K or N = 32…64, M = B·H·W in the thousands) reach about hal
 oneDNN's on this project's machines (AMD EPYC, AVX-512); see ``benchmarks/results/cpu.md``.
 
 The fast path is taken only for fp32 CPU tensors with autograd off, outside tracing,
-scripting and ``torch.compile``, and never under the ``reference`` backend (the
-original-style baseline). Results equal the plain path up to float rounding (different
-summation order), the same latitude as any GEMM library change.
+scripting, autocast and ``torch.compile``, and never under the ``reference`` backend (the
+original-style baseline). With autograd on, :func:`linear` still runs its forward matmul in
+oneDNN (:class:`_Linear`; the backward is ATen's, as for ``F.linear``). Results equal the
+plain path up to float rounding (different summation order), the same latitude as any GEMM
+library change.
 """
 
 from __future__ import annotations
@@ -41,20 +43,59 @@ def _have_ops() -> bool:
 AVAILABLE = _have_ops()
 
 
-def fast_path(x: torch.Tensor) -> bool:
-    """Whether the oneDNN inference path applies to ``x`` in the current state."""
+def _eligible(x: torch.Tensor) -> bool:
+    """fp32 CPU tensor, oneDNN ops present, not tracing/scripting/compiling, not the reference backend."""
     if not (AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32):
         return False
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:  # fake / functional tensors
+    if torch.is_autocast_enabled("cpu"):  # autocast picks the dtypes of F.linear & co.; keep its ops
+        return False
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # fake / functional tensors
         return False
     return get_backend() != "reference"
 
 
+def fast_path(x: torch.Tensor) -> bool:
+    """Whether the oneDNN inference path (autograd off) applies to ``x`` in the current state."""
+    return not torch.is_grad_enabled() and _eligible(x)
+
+
+class _Linear(torch.autograd.Function):
+    """``x Wᵀ + b`` with the oneDNN matmul forward and ATen's backward (what autograd runs for
+    ``F.linear``: ∂x = g W, ∂W = gᵀ x, ∂b = Σ g). Saves ``x`` and ``W`` as ``F.linear`` does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        # Not a view (callers add residuals into it in place); no autograd inside forward.
+        return out.view(*x.shape[:-1], weight.shape[0]).detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = g2.mm(weight).view(x.shape) if need_x else None
+        gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        gb = g2.sum(0) if (need_b and ctx.has_bias) else None
+        return gx, gw, gb
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + residual`` (residual optional); output ``[..., N]`` contiguous."""
+    """``F.linear(x, weight, bias) + residual`` (residual optional); output ``[..., N]`` contiguous.
+
+    With autograd recording (training), eligible inputs go through :class:`_Linear` (oneDNN
+    forward, ATen backward) and the residual, if any, is added out of place.
+    """
+    if torch.is_grad_enabled() and _eligible(x) and x.is_contiguous():
+        out = _Linear.apply(x, weight, bias)
+        return out if residual is None else out + residual
     if fast_path(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
         x2 = x.reshape(-1, x.shape[-1])
         if residual is None:
