@@ -351,7 +351,7 @@ def test_transkd_base_step(benchmark, step_workers, variant):
     w = step_workers[variant] = StepWorker(variant)
     # A fresh process needs a few steps to settle (oneDNN primitives created, the allocator's
     # pools filled): 3 warm-up steps, then steady-state steps as a long run sees them.
-    benchmark.pedantic(w.step, rounds=5 if ON_CPU else 10, warmup_rounds=3, iterations=1)
+    benchmark.pedantic(w.step, rounds=7 if ON_CPU else 10, warmup_rounds=3, iterations=1)
     code, allocator = STEP_VARIANTS[variant]
     info = {"shape": list(STEP_SHAPE), "teacher": "segformer_b2", "student": "segformer_b0", "variant_kd": "base",
             "code": code, "cpu_allocator": allocator, "process": "fresh worker process per variant",
