@@ -376,7 +376,7 @@ def _median(xs):
 @pytest.mark.skipif(not ON_CPU, reason="peak RSS is a CPU measure (on CUDA see torch.cuda.max_memory_allocated)")
 def test_transkd_base_step_peak_rss(benchmark):
     benchmark.group = "transkd-base-step-rss"
-    steps, settle = 7, 3  # the first `settle` steps of each process are warm-up, left out of the medians
+    steps, settle = 12, 3  # the first `settle` steps of each process are warm-up, left out of the medians
     results = {}
 
     def both():
