@@ -214,6 +214,10 @@ def test_fused_head_tail_not_for_synchronized_bn():
     head.linear_fuse.bn = bn
     with torch.no_grad():
         assert not head._train_tail_applies(acc)
+    # A single value per channel (1×1 map, batch 1): the module path, which raises as BN does.
+    assert not head._train_tail_applies(torch.randn(1, 1, 256))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        head([torch.randn(1, c, 1, 1) for c in (32, 64, 160, 256)])
 
 
 def test_attention_receives_strided_kv_views(monkeypatch):
