@@ -34,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -309,8 +310,11 @@ class StepWorker:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONSAFEPATH"] = "1"
         self.variant = variant
+        # stderr to a file, not a pipe: nobody reads it while the worker runs, and a full pipe
+        # would block a worker that prints many warnings.
+        self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", variant],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
                                      text=True, env=env)
         self.ready = self._read()
         self.replies: list[dict] = []
@@ -318,8 +322,9 @@ class StepWorker:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read()
-            raise RuntimeError(f"step worker {self.variant} died:\n{err[-4000:]}")
+            self.proc.wait(timeout=60)
+            self.err.seek(0)
+            raise RuntimeError(f"step worker {self.variant} died:\n{self.err.read()[-4000:]}")
         return json.loads(line)
 
     def step(self) -> float:
@@ -334,6 +339,7 @@ class StepWorker:
             self.proc.stdin.write("quit\n")
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+        self.err.close()
 
 
 @pytest.fixture(scope="module")
