@@ -163,38 +163,43 @@ def _mixffn_hidden(x, w1, b1, wdw, bdw, H: int, W: int):
     return h, d
 
 
+def _mixffn_onednn(x, w1, b1, wdw, bdw, w2, b2, H: int, W: int, residual=None):
+    """fc1, conv + GELU and fc2 (+ residual) as three oneDNN primitives; autograd off, and
+    :func:`transkd_fast.ops.onednn.fast_path` true for ``x``. Same values as the ATen ops up to
+    rounding."""
+    h = onednn.linear(x, w1, b1)
+    g = onednn.dwconv_gelu(tokens_to_nchw(h, H, W), wdw, bdw)
+    del h
+    return onednn.linear(nchw_to_tokens(g), w2, b2, residual)
+
+
 class _LeanMixFFN(torch.autograd.Function):
     """fc1 → dwconv → GELU → fc2 that keeps only its input ``x`` for backward.
 
     The plain path keeps three hidden-size activations per block (fc1's output for the conv,
     the conv's output for GELU, GELU's output for fc2): 3·hidden = 12·C floats per token, the
     largest share of a training step's saved memory. Backward recomputes fc1, the conv and GELU
-    from ``x`` with the same ops (bit-identical values), then applies the same backward ops as
-    autograd would (``mm`` for the Linears, ``convolution_backward``, ``gelu_backward``), freeing
-    each hidden tensor as soon as it is used. Cost: one extra fc1 + conv + GELU per block.
+    from ``x`` with the plain path's ATen ops, then applies the same backward ops as autograd
+    would (``mm`` for the Linears, ``convolution_backward``, ``gelu_backward``), freeing each
+    hidden tensor as soon as it is used. Cost: one extra fc1 + conv + GELU per block. The
+    forward is those same ATen ops (bit-identical to the plain path), or on the oneDNN fast
+    path three oneDNN primitives whose values differ from them by rounding only.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, wdw, bdw, w2, b2, H: int, W: int):
         with torch.no_grad():
             if onednn.fast_path(x):
-                # fc1, conv + GELU and fc2 as three oneDNN primitives (the values differ from the
-                # ATen ops only by rounding; backward recomputes with the ATen ops it differentiates).
-                h = onednn.linear(x, w1, b1)
-                g = onednn.dwconv_gelu(tokens_to_nchw(h, H, W), wdw, bdw)
-                del h
-                out = onednn.linear(nchw_to_tokens(g), w2, b2)
-                ctx.save_for_backward(x, w1, b1, wdw, bdw, w2)
-                ctx.hw = (H, W)
-                return out
-            _, d = _mixffn_hidden(x, w1, b1, wdw, bdw, H, W)
-            # GELU in place (d is not kept; a fresh hidden-size buffer costs page faults), on the
-            # token view: ATen's GELU rounds differently on the 4-D channels_last view.
-            g = torch.ops.aten.gelu_(nchw_to_tokens(d))
-            # addmm into a fresh [B, N, C] tensor (what F.linear runs on flattened tokens): the
-            # output must not be a view, Block adds the residual into it in place.
-            out = g.new_empty(g.shape[:-1] + (w2.shape[0],))
-            torch.addmm(b2, g.reshape(-1, g.shape[-1]), w2.t(), out=out.view(-1, w2.shape[0]))
+                out = _mixffn_onednn(x, w1, b1, wdw, bdw, w2, b2, H, W)
+            else:
+                _, d = _mixffn_hidden(x, w1, b1, wdw, bdw, H, W)
+                # GELU in place (d is not kept; a fresh hidden-size buffer costs page faults), on
+                # the token view: ATen's GELU rounds differently on the 4-D channels_last view.
+                g = torch.ops.aten.gelu_(nchw_to_tokens(d))
+                # addmm into a fresh [B, N, C] tensor (what F.linear runs on flattened tokens):
+                # the output must not be a view, Block adds the residual into it in place.
+                out = g.new_empty(g.shape[:-1] + (w2.shape[0],))
+                torch.addmm(b2, g.reshape(-1, g.shape[-1]), w2.t(), out=out.view(-1, w2.shape[0]))
         ctx.save_for_backward(x, w1, b1, wdw, bdw, w2)
         ctx.hw = (H, W)
         return out
@@ -263,9 +268,8 @@ class MixFFN(nn.Module):
             if not onednn.fast_path(x):
                 raise RuntimeError("MixFFN: `residual` is fused only on the oneDNN inference path")
             conv = self.dwconv.dwconv
-            hid = onednn.linear(x, self.fc1.weight, self.fc1.bias)
-            g = onednn.dwconv_gelu(tokens_to_nchw(hid, H, W), conv.weight, conv.bias)
-            return onednn.linear(nchw_to_tokens(g), self.fc2.weight, self.fc2.bias, residual)
+            return _mixffn_onednn(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
+                                  self.fc2.weight, self.fc2.bias, H, W, residual)
         if (not torch.is_grad_enabled() and get_backend() != "reference" and not torch.jit.is_tracing()
                 and not torch.jit.is_scripting()):
             # No autograd (the teacher): GELU in place on the conv's fresh output, same values.

@@ -147,7 +147,6 @@ class SegFormerHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != 4:
             raise ValueError(f"SegFormerHead takes the 4 stage features, got {len(features)}")
-        pred_w = self.linear_pred.weight.flatten(1)
         if self.fold:
             acc, bn_folded, (H, W) = self._folded_sum(features)
             if not bn_folded and self._train_tail_applies(acc):
@@ -161,7 +160,7 @@ class SegFormerHead(nn.Module):
         y = self.dropout(y)
         B, _, H, W = y.shape
         # W [K, E] @ y [B, E, h·w] writes contiguous NCHW logits whatever y's memory format.
-        logits = torch.matmul(pred_w, y.flatten(2))
+        logits = torch.matmul(self.linear_pred.weight.flatten(1), y.flatten(2))
         logits = logits + self.linear_pred.bias[:, None]
         return logits.view(B, self.num_classes, H, W)
 

@@ -1,4 +1,4 @@
-"""oneDNN fast paths for the MiT blocks on CPU, without autograd (the frozen teacher, inference).
+"""oneDNN fast paths for the MiT blocks and the SegFormer head on CPU.
 
 Same math as the plain modules, fewer passes over memory and faster GEMMs:
 
@@ -9,9 +9,9 @@ Same math as the plain modules, fewer passes over memory and faster GEMMs:
   on ``x [B, C, H, W]``; on the fast path one oneDNN convolution with GELU (erf) as a post-op.
 
 Why: ATen's fp32 ``addmm`` on CPU first copies the broadcast bias into the output and then
-runs an MKL GEMM over it (one extra write and read of the output), and MKL's kernels for the
-thin MiT shapes (K or N = 32…64, M = B·H·W in the thousands) reach about half the rate of
-oneDNN's on this project's machines (AMD EPYC, AVX-512); see ``benchmarks/results/cpu.md``.
+runs an MKL GEMM over it (one extra write and read of the output), and on this project's
+machines (AMD EPYC, AVX-512, 2 cores) it ran the MiT-B2 Linear shapes at 67–165 GFLOP/s where
+oneDNN ran them at 130–190 (the thin stage-1 shapes, K or N = 64, at about half oneDNN's rate).
 
 The fast path is taken only for fp32 CPU tensors with autograd off, outside tracing,
 scripting, autocast and ``torch.compile``, and never under the ``reference`` backend (the
@@ -61,6 +61,23 @@ def fast_path(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and _eligible(x)
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One oneDNN matmul over the rows of ``x`` (bias and residual add fused in); ``[..., N]``.
+
+    Call without autograd recording (the fast path, or inside a custom Function's forward).
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    if residual is None:
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    else:
+        out = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(-1, residual.shape[-1]),
+                                                        weight, bias, "add")
+    # A base tensor rather than a view of the 2-D result (no autograd here, so detach only drops
+    # the view link): custom Functions may return it and callers may add into it in place.
+    return out.view(*x.shape[:-1], weight.shape[0]).detach()
+
+
 class _Linear(torch.autograd.Function):
     """``x Wᵀ + b`` with the oneDNN matmul forward and ATen's backward (what autograd runs for
     ``F.linear``: ∂x = g W, ∂W = gᵀ x, ∂b = Σ g). Saves ``x`` and ``W`` as ``F.linear`` does."""
@@ -69,10 +86,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        x2 = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-        # Not a view (callers add residuals into it in place); no autograd inside forward.
-        return out.view(*x.shape[:-1], weight.shape[0]).detach()
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -97,15 +111,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         out = _Linear.apply(x, weight, bias)
         return out if residual is None else out + residual
     if fast_path(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
-        x2 = x.reshape(-1, x.shape[-1])
-        if residual is None:
-            out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-        else:
-            out = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(-1, residual.shape[-1]),
-                                                            weight, bias, "add")
-        # A base tensor rather than a view of the 2-D result (no autograd here, so detach only
-        # drops the view link): custom Functions may return it and callers may add into it.
-        return out.view(*x.shape[:-1], weight.shape[0]).detach()
+        return _onednn_linear(x, weight, bias, residual)
     out = F.linear(x, weight, bias)
     return out if residual is None else out.add_(residual)
 
