@@ -16,6 +16,9 @@ Groups (each variant in the same run, same weights, same inputs):
   everywhere (attention, CSF, losses), unfolded head, full teacher forward, per-parameter
   AdamW, glibc defaults. ``ours-default-allocator`` / ``original-tuned-allocator`` swap the
   allocator setting, to separate its share from the code's. First-step losses are compared.
+- ``transkd-base-step-phases``: ours' step split into teacher forward, student + KD forward,
+  backward and optimizer, each phase's multiply-adds (fvcore; the backward's modeled) and the
+  GFLOP/s it reaches, next to the device's best fp32 GEMM rate.
 - ``transkd-base-step-rss``: ours and original in two fresh processes stepped alternately:
   peak RSS (VmHWM), losses, and the interleaved ratio of their step-time medians.
 
@@ -227,12 +230,39 @@ def make_step(d, original: bool):
         d.teacher_first = False  # ... after the student's
     d.train()
 
-    def step() -> float:
+    def step(phases: dict | None = None) -> float:
+        """One step; with ``phases`` (a dict) also fills in the wall time of each phase."""
         opt.zero_grad(set_to_none=True)
-        out = d(images, labels)
+        run_teacher, own, teacher_s = d.run_teacher, "run_teacher" in vars(d), []
+        if phases is not None:
+            def timed_teacher(images):
+                t = time.perf_counter()
+                out = run_teacher(images)
+                _sync()
+                teacher_s.append(time.perf_counter() - t)
+                return out
+
+            d.run_teacher = timed_teacher
+        try:
+            t0 = time.perf_counter()
+            out = d(images, labels)
+            _sync()
+            t1 = time.perf_counter()
+        finally:
+            if phases is not None:  # put back what was there (an instance attribute or none)
+                if own:
+                    d.run_teacher = run_teacher
+                else:
+                    del d.run_teacher
         out["loss"].backward()
+        _sync()
+        t2 = time.perf_counter()
         opt.step()
         _sync()
+        t3 = time.perf_counter()
+        if phases is not None:
+            phases.update({"teacher_forward": teacher_s[0], "student_kd_forward": t1 - t0 - teacher_s[0],
+                           "backward": t2 - t1, "optimizer": t3 - t2})
         return float(out["loss"].detach())
 
     return step
@@ -291,12 +321,15 @@ def _serve(variant: str) -> None:
     print(json.dumps({"ready": True, "peak_rss_kib": peak_rss_kib()}), flush=True)
     with ctx:
         for line in sys.stdin:
-            if line.strip() != "step":
+            if line.strip() not in ("step", "phases"):
                 break
+            phases = {} if line.strip() == "phases" else None
             t0 = time.perf_counter()
-            loss = step()
-            print(json.dumps({"loss": loss, "s": time.perf_counter() - t0, "peak_rss_kib": peak_rss_kib()}),
-                  flush=True)
+            loss = step(phases)
+            reply = {"loss": loss, "s": time.perf_counter() - t0, "peak_rss_kib": peak_rss_kib()}
+            if phases is not None:
+                reply["phases"] = phases
+            print(json.dumps(reply), flush=True)
 
 
 class StepWorker:
@@ -327,12 +360,16 @@ class StepWorker:
             raise RuntimeError(f"step worker {self.variant} died:\n{self.err.read()[-4000:]}")
         return json.loads(line)
 
-    def step(self) -> float:
-        self.proc.stdin.write("step\n")
+    def step(self, request: str = "step") -> float:
+        self.proc.stdin.write(request + "\n")
         self.proc.stdin.flush()
         reply = self._read()
         self.replies.append(reply)
         return reply["loss"]
+
+    def phase_step(self) -> float:
+        """A step that also reports its phases' wall times (``replies[-1]["phases"]``)."""
+        return self.step("phases")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -368,6 +405,74 @@ def test_transkd_base_step(benchmark, step_workers, variant):
             base.replies[0]["loss"])
         assert info["first_loss_rel_diff_vs_original"] < 1e-4, info
     _record(benchmark, group, variant, **info)
+
+
+# ---------------------------------------------------------------------------------------
+# Where ours spends its step: wall time per phase against the multiply-adds in it.
+
+
+def _gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 GEMM rate of this device (n × n × n, the matmul our Linears use), GFLOP/s."""
+    from transkd_fast.ops import onednn
+
+    a, w = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    with torch.no_grad():
+        best = float("inf")
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            onednn.linear(a, w)
+            _sync()
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def test_transkd_base_step_phases(benchmark, step_workers):
+    """Ours' step split into phases, each phase's fvcore multiply-adds (forward counts; the
+    backward's are modeled as 2× the trained forward's plus the lean MixFFN's recomputation)
+    and the rate achieved, next to this device's best fp32 GEMM rate: how close the step is to
+    what the machine can do at all in fp32."""
+    from transkd_fast import flops
+
+    benchmark.group = "transkd-base-step-phases"
+    w = step_workers.get("ours")
+    if w is None:
+        w = step_workers["ours"] = StepWorker("ours")
+    benchmark.pedantic(w.phase_step, rounds=7 if ON_CPU else 10, warmup_rounds=3, iterations=1)
+    phases = [r["phases"] for r in w.replies if "phases" in r][3:]
+    med = {k: _median([p[k] for p in phases]) for k in phases[0]}
+    d = _build_distiller()
+    images, _ = _batch()
+    teacher = flops.analyze(d.teacher.backbone, images).full
+    student = flops.analyze(d.student, images)
+    student_kd = flops.count_kd(d, images, student).full
+    recompute = sum(m.fc1.in_features * m.fc1.out_features * h * w_ + 9 * m.fc1.out_features * h * w_
+                    for m, (h, w_) in _lean_mixffns(d.student, images.shape[-2:])) * images.shape[0]
+    macs = {"teacher_forward": teacher, "student_kd_forward": student_kd,
+            "backward": 2 * student_kd + recompute, "optimizer": 0}
+    gemm = _gemm_gflops()
+    info = {"shape": list(STEP_SHAPE), "device_gemm_gflops_fp32": gemm,
+            "what": "ours (engine settings) in a fresh worker; phase medians over 7 steps after 3 warm-up; "
+                    "MACs: fvcore forward counts, backward modeled as 2x the trained forward + MixFFN recompute"}
+    for k, t in med.items():
+        info[f"{k}_ms"] = t * 1e3
+        info[f"{k}_gmac"] = macs[k] / 1e9
+        if macs[k]:
+            info[f"{k}_gflops"] = 2 * macs[k] / t / 1e9
+    total = sum(med.values())
+    info["step_gflops"] = 2 * sum(macs.values()) / total / 1e9
+    info["step_fraction_of_gemm_rate"] = info["step_gflops"] / gemm
+    _record(benchmark, benchmark.group, "ours", **info)
+
+
+def _lean_mixffns(student, size):
+    """(MixFFN, (h, w)) for each student block, with its stage's token grid at input ``size``."""
+    bb = student.backbone
+    h, w = int(size[0]), int(size[1])
+    for i in range(1, len(bb.depths) + 1):
+        stride = 4 if i == 1 else 2
+        h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
+        for blk in getattr(bb, f"block{i}"):
+            yield blk.mlp, (h, w)
 
 
 # ---------------------------------------------------------------------------------------
