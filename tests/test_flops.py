@@ -156,3 +156,19 @@ def test_cli_report_single_model(capsys):
     assert main(["report", "--model", "segformer_b0", "--input", "64", "64", "--no-throughput"]) == 0
     out = capsys.readouterr().out
     assert "GFLOPs full" in out and "GFLOPs paper" in out and "original" in out
+
+
+def test_fvcore_counts_the_folded_head(nets):
+    """fvcore hooks every module while it traces; the head must still be traced folded (the
+    hook rule that unfolds it for user hooks does not apply to tracers), so the folded count is
+    the smaller one, by exactly the work the fold removes."""
+    student = nets[0]
+    x = torch.randn(1, 3, 64, 96)
+    folded = flops.count_flops(student, x)
+    with flops.original_head(student):
+        unfolded = flops.count_flops(student, x)
+    h, w, E = 16, 24, student.decode_head.embed_dim
+    dims = student.decode_head.in_channels
+    # The fold drops the 4E → E fuse conv at stage-1 size (4·E²·h·w) and adds the composition of
+    # each stage's weights and bias at every forward (E²·C_i + E² per stage, traced too).
+    assert unfolded - folded >= 4 * E * E * h * w - E * E * (sum(dims) + 4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel
+from helpers import assert_close_rel, rel_err
 
 import transkd_fast
 import transkd_fast.models.mit as mit_module
@@ -280,3 +280,72 @@ def test_torch_compile_matches_eager():
         eager = model(x)
         out = compiled(x)
     assert_close_rel(out, eager, 1e-5, "compiled vs eager")
+
+
+def _hook_targets(model):
+    blk = model.backbone.block1[0]
+    head = model.decode_head
+    return {"q": blk.attn.q, "kv": blk.attn.kv, "proj": blk.attn.proj, "fc1": blk.mlp.fc1,
+            "dwconv": blk.mlp.dwconv.dwconv, "fc2": blk.mlp.fc2, "linear_c1": head.linear_c1.proj,
+            "fuse_bn": head.linear_fuse.bn, "linear_pred": head.linear_pred}
+
+
+def _run(model, x, train: bool):
+    torch.manual_seed(7)  # the same drop-path and Dropout2d masks in every run
+    if train:
+        feats, logits, _ = model(x, return_features=True)
+        (logits.square().mean() + sum(f.mean() for f in feats)).backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        feats, logits, _ = model(x, return_features=True)
+    return [logits] + list(feats)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["no-grad-eval", "train"])
+def test_forward_hooks_fire_on_fast_paths(train):
+    """The fast paths (oneDNN matmuls, lean MixFFN, fused residuals, folded head and its fused
+    training tail) read weights without calling the modules; with a hook registered they call
+    the modules instead: every hook fires, and a recording hook leaves the results unchanged."""
+    torch.manual_seed(0)
+    model = build_model("segformer_b0", num_classes=5).train(train)
+    x = torch.randn(2, 3, 64, 96)
+    plain = _run(model, x, train)
+    model.zero_grad(set_to_none=True)
+    fired = set()
+    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: fired.add(name))
+               for name, m in _hook_targets(model).items()]
+    try:
+        hooked = _run(model, x, train)
+    finally:
+        for h in handles:
+            h.remove()
+    assert fired == set(_hook_targets(model))
+    for a, b in zip(hooked, plain):
+        if b.norm() > 1e-6:
+            assert_close_rel(a, b, 1e-5, "hooked vs unhooked")
+        else:  # the linear_c biases feed a training-mode BN: their true gradient is 0 (rounding noise here)
+            assert (a - b).abs().max() <= 1e-6
+
+
+def test_forward_hook_output_is_used_and_global_hooks_count():
+    torch.manual_seed(0)
+    model = build_model("segformer_b0", num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        base = model(x)
+        h = model.backbone.block4[-1].mlp.fc2.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        try:
+            zeroed = model(x)
+        finally:
+            h.remove()
+        assert rel_err(zeroed, base) > 1e-3  # the hook's output replaced fc2's
+
+        seen = []
+        g = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(m) if m is model.backbone.block1[0].attn.q else None)
+        try:
+            again = model(x)
+        finally:
+            g.remove()
+    assert seen, "a global forward hook did not see attn.q"
+    assert_close_rel(again, base, 1e-5, "global hook run vs plain")

@@ -14,6 +14,10 @@ Per stage i (1…4), with tokens ``x`` ``[B, N_i, C_i]`` on an ``H_i × W_i`` gr
 ``proj`` Linear(C, C). Block and stage norms use eps 1e-6 (NVlabs); Hugging Face's port uses
 1e-5 there (``norm_eps=1e-5`` reproduces its numbers).
 
+Fast paths (oneDNN matmuls, the lean MixFFN, fused residual adds) read the Linears' and convs'
+weights without calling those modules; when a forward hook or pre-hook is registered on one of
+them (or globally), that attention / MixFFN calls its submodules instead, so hooks always fire.
+
 Layout: tokens stay ``[B, N, C]`` contiguous; the NCHW views the convolutions need are
 ``x.transpose(1, 2).view(B, C, H, W)``, i.e. channels_last tensors, so ``sr``, ``dwconv`` and
 the next ``patch_embed`` read them without a copy and their channels_last outputs flatten back to
@@ -108,6 +112,25 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(nchw_to_tokens(x)), H, W
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward (pre-)hook would fire on any of ``modules`` (their own or a global
+    one). The fast paths read these modules' weights without calling them, so when a hook is
+    registered they step aside and call the modules, and the hooks fire as usual."""
+    from torch.nn.modules import module as _module
+
+    if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _linear(m: nn.Linear, x: torch.Tensor, hooked: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``m(x) (+ residual)``: a call of the module when hooks must fire, else :func:`onednn.linear`."""
+    if hooked:
+        out = m(x)
+        return out if residual is None else out + residual
+    return onednn.linear(x, m.weight, m.bias, residual)
+
+
 class EfficientSelfAttention(nn.Module):
     """Multi-head attention whose keys/values come from a sequence reduced ``sr_ratio``× per side.
 
@@ -135,13 +158,14 @@ class EfficientSelfAttention(nn.Module):
         """Attention output ``[B, N, C]``, plus ``residual`` when given (fused on the oneDNN path)."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = onednn.linear(x, self.q.weight, self.q.bias).view(B, N, h, d)
+        hooked = _hooked(self.q, self.kv, self.proj)
+        q = _linear(self.q, x, hooked).view(B, N, h, d)
         if self.sr_ratio > 1:
             x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))  # [B, Nkv, C]
-        kv = onednn.linear(x, self.kv.weight, self.kv.bias).view(B, x.shape[1], 2, h, d)  # row: [k heads | v heads]
+        kv = _linear(self.kv, x, hooked).view(B, x.shape[1], 2, h, d)  # row: [k heads | v heads]
         out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
         # torch/triton backends return contiguous [B, N, h, d] (a free view); reference may copy.
-        return onednn.linear(out.reshape(B, N, C), self.proj.weight, self.proj.bias, residual)
+        return _linear(self.proj, out.reshape(B, N, C), hooked, residual)
 
 
 class DWConv(nn.Module):
@@ -260,21 +284,24 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MixFFN output ``[B, N, C]``; ``residual`` is accepted only on the oneDNN path, which fuses it."""
-        if self._lean(x):
-            conv = self.dwconv.dwconv
+        conv = self.dwconv.dwconv
+        hooked = _hooked(self.fc1, self.dwconv, conv, self.fc2)
+        if not hooked and self._lean(x):
             return _LeanMixFFN.apply(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
                                      self.fc2.weight, self.fc2.bias, H, W)
         if residual is not None:
             if not onednn.fast_path(x):
                 raise RuntimeError("MixFFN: `residual` is fused only on the oneDNN inference path")
-            conv = self.dwconv.dwconv
-            return _mixffn_onednn(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
-                                  self.fc2.weight, self.fc2.bias, H, W, residual)
+            if not hooked:
+                return _mixffn_onednn(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
+                                      self.fc2.weight, self.fc2.bias, H, W, residual)
         if (not torch.is_grad_enabled() and get_backend() != "reference" and not torch.jit.is_tracing()
                 and not torch.jit.is_scripting()):
             # No autograd (the teacher): GELU in place on the conv's fresh output, same values.
-            return self.fc2(torch.ops.aten.gelu_(self.dwconv(self.fc1(x), H, W)))
-        return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
+            out = self.fc2(torch.ops.aten.gelu_(self.dwconv(self.fc1(x), H, W)))
+        else:
+            out = self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
+        return out if residual is None else out + residual
 
 
 class Block(nn.Module):

@@ -17,6 +17,9 @@ into the same weights too. The concat at stage-1 size and the 4E → E conv ther
 head's FLOPs) disappear; parameters and state-dict names are unchanged (the fold is recomputed from
 them at every forward, so gradients reach the original weights). ``fold = False`` runs the
 original computation. Without autograd the three upsamplings write into one reused buffer.
+A forward hook (or pre-hook) on any of the head's submodules, or a global module hook, makes
+the head run unfolded, calling each submodule, so that the hook fires (except while tracing:
+tracers hook every module, and what they record is the fold).
 
 Stage features arrive as NCHW-shaped channels_last tensors (see :mod:`transkd_fast.models.mit`).
 """
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, mit, nchw_to_tokens, tokens_to_nchw
+from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, _hooked, mit, nchw_to_tokens, tokens_to_nchw
 from transkd_fast.ops import onednn
 
 DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
@@ -147,7 +150,12 @@ class SegFormerHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != 4:
             raise ValueError(f"SegFormerHead takes the 4 stage features, got {len(features)}")
-        if self.fold:
+        # The fold reads the Linears' and BN's weights without calling the modules: with a forward
+        # hook on any of them the head runs unfolded, module by module, so the hooks fire. Not
+        # while tracing: tracers (fvcore, torch.jit.trace) hook every module for their scopes, and
+        # what they record must be the fold.
+        hooked = not torch.jit.is_tracing() and _hooked(*(m for m in self.modules() if m is not self))
+        if self.fold and not hooked:
             acc, bn_folded, (H, W) = self._folded_sum(features)
             if not bn_folded and self._train_tail_applies(acc):
                 return self._train_tail(acc, H, W)
@@ -158,6 +166,8 @@ class SegFormerHead(nn.Module):
         else:
             y = self._fused_unfolded(features)
         y = self.dropout(y)
+        if hooked:
+            return self.linear_pred(y).contiguous()
         B, _, H, W = y.shape
         # W [K, E] @ y [B, E, h·w] writes contiguous NCHW logits whatever y's memory format.
         logits = torch.matmul(self.linear_pred.weight.flatten(1), y.flatten(2))
