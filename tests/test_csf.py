@@ -191,3 +191,26 @@ def test_csf_bad_input():
         csf(_feats(1, SIZES["64x128"])[:3])
     with pytest.raises(ValueError, match="student has 4 stages, teacher 3"):
         CSF(STUDENT, TEACHER[:3])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_squeeze_mlp_hooks_fire(batch):
+    """The squeeze MLP's 1×1 convs run as matmuls; with a hook registered they are called as
+    modules: the hooks fire and, in float64 training mode, everything matches the hook-free run."""
+    fused, _, feats, weights, _ = _pair(batch, "odd")
+    fused.double()
+    state = _snapshot(fused)
+    plain = _run(fused, feats, weights)
+    fused.load_state_dict(state)  # the same running statistics before the second run
+    stage = fused.stages[0]
+    fired = []
+    squeeze = stage.fc1[0] if batch == 1 else stage.fc[0]
+    handles = [m.register_forward_hook(lambda mod, i, o, name=name: fired.append(name))
+               for name, m in (("squeeze", squeeze), ("fcs0", stage.fcs[0]), ("fcs1", stage.fcs[1]))]
+    try:
+        hooked = _run(fused, feats, weights)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(fired) == ["fcs0", "fcs1", "squeeze"]
+    _compare(hooked, plain, batch, 1e-10, "hooked vs plain")

@@ -76,6 +76,18 @@ def use_backend(name: str) -> Iterator[str]:
         _state.name = previous
 
 
+def hooks_registered(*modules: torch.nn.Module) -> bool:
+    """Whether a forward hook or pre-hook would fire on any of ``modules`` (their own, or a
+    global one). Fused paths that read modules' weights without calling them (oneDNN matmuls,
+    the lean MixFFN, the folded head, CSF's squeeze MLP) check this and, when it holds, call
+    the modules instead, so that hooks fire and their outputs are used."""
+    from torch.nn.modules import module as _module
+
+    if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transkd_fast.backend import hooks_registered
 from transkd_fast.ops.selective_fusion import selective_fuse, selective_pool
 
 
@@ -80,9 +81,13 @@ class CSFStage(nn.Module):
     def branch_weights(self, g: torch.Tensor) -> torch.Tensor:
         """Squeeze-excite on the pooled map ``g`` ``[B, mid]`` → softmax branch weights ``[B, 2, mid]``.
 
-        The 1×1 convs act on 1×1 maps: they are applied as matmuls with the same weights.
+        The 1×1 convs act on 1×1 maps: they are applied as matmuls with the same weights (as
+        module calls when a forward hook is registered on one of them, so that it fires).
         """
         B = g.shape[0]
+        if hooks_registered(*self.fc, *self.fc1, *self.fcs):
+            z = (self.fc1 if B == 1 else self.fc)(g[:, :, None, None])
+            return torch.stack([fc(z).flatten(1) for fc in self.fcs], dim=1).softmax(dim=1)
         if B == 1:
             conv = self.fc1[0]
             z = F.relu(F.linear(g, conv.weight.flatten(1)))

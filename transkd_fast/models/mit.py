@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.backend import get_backend
+from transkd_fast.backend import get_backend, hooks_registered
 from transkd_fast.ops import onednn
 from transkd_fast.ops.attention import efficient_attention
 
@@ -112,17 +112,6 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(nchw_to_tokens(x)), H, W
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward (pre-)hook would fire on any of ``modules`` (their own or a global
-    one). The fast paths read these modules' weights without calling them, so when a hook is
-    registered they step aside and call the modules, and the hooks fire as usual."""
-    from torch.nn.modules import module as _module
-
-    if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
 def _linear(m: nn.Linear, x: torch.Tensor, hooked: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``m(x) (+ residual)``: a call of the module when hooks must fire, else :func:`onednn.linear`."""
     if hooked:
@@ -158,7 +147,7 @@ class EfficientSelfAttention(nn.Module):
         """Attention output ``[B, N, C]``, plus ``residual`` when given (fused on the oneDNN path)."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        hooked = _hooked(self.q, self.kv, self.proj)
+        hooked = hooks_registered(self.q, self.kv, self.proj)
         q = _linear(self.q, x, hooked).view(B, N, h, d)
         if self.sr_ratio > 1:
             x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))  # [B, Nkv, C]
@@ -285,7 +274,7 @@ class MixFFN(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MixFFN output ``[B, N, C]``; ``residual`` is accepted only on the oneDNN path, which fuses it."""
         conv = self.dwconv.dwconv
-        hooked = _hooked(self.fc1, self.dwconv, conv, self.fc2)
+        hooked = hooks_registered(self.fc1, self.dwconv, conv, self.fc2)
         if not hooked and self._lean(x):
             return _LeanMixFFN.apply(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
                                      self.fc2.weight, self.fc2.bias, H, W)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, _hooked, mit, nchw_to_tokens, tokens_to_nchw
+from transkd_fast.backend import hooks_registered
+from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, mit, nchw_to_tokens, tokens_to_nchw
 from transkd_fast.ops import onednn
 
 DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
@@ -154,7 +155,7 @@ class SegFormerHead(nn.Module):
         # hook on any of them the head runs unfolded, module by module, so the hooks fire. Not
         # while tracing: tracers (fvcore, torch.jit.trace) hook every module for their scopes, and
         # what they record must be the fold.
-        hooked = not torch.jit.is_tracing() and _hooked(*(m for m in self.modules() if m is not self))
+        hooked = not torch.jit.is_tracing() and hooks_registered(*(m for m in self.modules() if m is not self))
         if self.fold and not hooked:
             acc, bn_folded, (H, W) = self._folded_sum(features)
             if not bn_folded and self._train_tail_applies(acc):
