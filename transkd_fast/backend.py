@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from torch.nn.modules import module as _nn_module
 
 BACKENDS = ("auto", "triton", "xformers", "torch", "reference")
 
@@ -81,9 +82,7 @@ def hooks_registered(*modules: torch.nn.Module) -> bool:
     global one). Fused paths that read modules' weights without calling them (oneDNN matmuls,
     the lean MixFFN, the folded head, CSF's squeeze MLP) check this and, when it holds, call
     the modules instead, so that hooks fire and their outputs are used."""
-    from torch.nn.modules import module as _module
-
-    if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
+    if getattr(_nn_module, "_global_forward_hooks", None) or getattr(_nn_module, "_global_forward_pre_hooks", None):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
