@@ -106,3 +106,59 @@ def test_version_and_help_cli():
     assert transkd_fast.__version__ in out.stdout
     out = subprocess.run([_cli(), "--help"], capture_output=True, text=True, check=True)
     assert "usage" in out.stdout.lower()
+
+
+# ---------------------------------------------------------------------------------------
+# Triton launches run on the tensors' CUDA device (fake CUDA tensors: no GPU needed).
+
+
+def _record_cuda_device(monkeypatch):
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def device(d):
+        seen.append(torch.device(d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    return seen
+
+
+def test_on_input_device_makes_the_tensors_device_current(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from transkd_fast.backend import on_input_device
+
+    seen = _record_cuda_device(monkeypatch)
+    calls = []
+
+    @on_input_device
+    def launch(*args, **kwargs):
+        calls.append(len(seen))  # how many device switches had happened when the body ran
+        return "done"
+
+    with FakeTensorMode():
+        a = torch.empty(3, device="cuda:1")
+    assert launch(a, 2.0, mode="x") == "done"
+    assert seen == [torch.device("cuda:1")] and calls == [1]
+    assert launch([a, a], [a]) == "done"  # list arguments (the multi-stage losses)
+    assert seen[-1] == torch.device("cuda:1") and calls[-1] == 2
+    assert launch(torch.randn(2), a) == "done"  # CPU first tensor: the interpreter, no switch
+    assert launch(1, "no tensors") == "done"
+    assert len(seen) == 2 and calls[-2:] == [2, 2]
+
+
+def test_every_triton_launcher_is_guarded():
+    """Each op's functions that launch kernels carry the device guard (a new one must too)."""
+    import importlib
+
+    found = []
+    for name in ("attention", "hcl", "kl_div", "selective_fusion", "weighted_mse"):
+        mod = importlib.import_module(f"transkd_fast.ops.{name}")
+        for attr, fn in vars(mod).items():
+            if attr.startswith("_triton_") and attr != "_triton_check" and callable(fn):
+                found.append(f"{name}.{attr}")
+                assert getattr(fn, "on_input_device", False), f"{name}.{attr} launches Triton without on_input_device"
+    assert len(found) == 12, found

@@ -19,6 +19,7 @@ which backends would work. A named backend is never swapped for another one sile
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -85,6 +86,37 @@ def hooks_registered(*modules: torch.nn.Module) -> bool:
     if getattr(_nn_module, "_global_forward_hooks", None) or getattr(_nn_module, "_global_forward_pre_hooks", None):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _first_tensor(args) -> Optional[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    return b
+    return None
+
+
+def on_input_device(fn: Callable) -> Callable:
+    """Decorator for the ops' functions that launch Triton kernels: run ``fn`` with the CUDA
+    device of its first tensor argument (or of the first tensor in a list argument) current.
+
+    Triton launches on the current CUDA device and stream, not on the tensors' device: without
+    this, tensors on ``cuda:1`` while ``cuda:0`` is current would be handed to a kernel running
+    on the wrong GPU. A no-op for CPU tensors (the interpreter)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = _first_tensor(args)
+        if t is None or t.device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+
+    run.on_input_device = True
+    return run
 
 
 def triton_interpreting() -> bool:

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from transkd_fast.backend import Support, check_tensor, register_op, resolve
+from transkd_fast.backend import Support, check_tensor, on_input_device, register_op, resolve
 
 OP = "efficient_attention"
 
@@ -141,12 +141,14 @@ def _torch_backward(grad_out, q, k, v, out, lse, scale):
 # that importing this module never needs triton.
 
 
+@on_input_device
 def _triton_forward(q, k, v, scale):
     from transkd_fast.kernels.attention import attention_forward
 
     return attention_forward(q, k, v, scale)
 
 
+@on_input_device
 def _triton_backward(grad_out, q, k, v, out, lse, scale):
     from transkd_fast.kernels.attention import attention_backward
 

@@ -33,13 +33,12 @@ beside the inputs. The loss is an fp32 scalar (fp64 for fp64 inputs).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from transkd_fast.backend import Support, check_tensor, register_op, resolve
+from transkd_fast.backend import Support, check_tensor, on_input_device, register_op, resolve
 
 OP = "hcl_loss"
 LEVELS = (4, 2, 1)
@@ -107,16 +106,6 @@ def _check_inputs(student_feats, teacher_feats) -> None:
                             f"(stage 0 is {dtype})")
         if fs.device != device or ft.device != device:
             raise ValueError(f"stage {i}: every feature map must be on one device, got {fs.device} and {ft.device}")
-
-
-@contextlib.contextmanager
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    if t.device.type == "cuda":
-        with torch.cuda.device(t.device):
-            yield
-    else:
-        yield
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,6 +215,7 @@ def _torch_backward(grad, fs_list, ft_list, pooled, need_ft):
 # triton backend.
 
 
+@on_input_device
 def _triton_forward(fs_list, ft_list):
     from transkd_fast.kernels.hcl import hcl_stage_forward
 
@@ -234,28 +224,27 @@ def _triton_forward(fs_list, ft_list):
     pooled = fs_list[0].new_empty(sum(planes) * SLOTS, dtype=acc)
     share = fs_list[0].new_empty(sum(planes), dtype=acc)
     off = 0
-    with _on_device(fs_list[0]):
-        for fs, ft, p in zip(fs_list, ft_list, planes):
-            hcl_stage_forward(fs, ft, pooled[off * SLOTS:(off + p) * SLOTS], share[off:off + p])
-            off += p
+    for fs, ft, p in zip(fs_list, ft_list, planes):
+        hcl_stage_forward(fs, ft, pooled[off * SLOTS:(off + p) * SLOTS], share[off:off + p])
+        off += p
     return share.sum(), pooled
 
 
+@on_input_device
 def _triton_backward(grad, fs_list, ft_list, pooled, need_ft):
     from transkd_fast.kernels.hcl import hcl_stage_backward
 
     gfs, gft, off = [], [], 0
     grad = grad.to(_acc_dtype(fs_list[0].dtype))
-    with _on_device(fs_list[0]):
-        for fs, ft, want_ft in zip(fs_list, ft_list, need_ft):
-            p = fs.shape[0] * fs.shape[1]
-            g_s = torch.empty(fs.shape, dtype=fs.dtype, device=fs.device)
-            g_t = torch.empty(ft.shape, dtype=ft.dtype, device=ft.device) if want_ft else None
-            hcl_stage_backward(grad, fs, ft, pooled[off * SLOTS:(off + p) * SLOTS], g_s, g_t)
-            off += p
-            gfs.append(g_s)
-            if want_ft:
-                gft.append(g_t)
+    for fs, ft, want_ft in zip(fs_list, ft_list, need_ft):
+        p = fs.shape[0] * fs.shape[1]
+        g_s = torch.empty(fs.shape, dtype=fs.dtype, device=fs.device)
+        g_t = torch.empty(ft.shape, dtype=ft.dtype, device=ft.device) if want_ft else None
+        hcl_stage_backward(grad, fs, ft, pooled[off * SLOTS:(off + p) * SLOTS], g_s, g_t)
+        off += p
+        gfs.append(g_s)
+        if want_ft:
+            gft.append(g_t)
     return gfs + gft
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from transkd_fast.backend import Support, check_tensor, register_op, resolve
+from transkd_fast.backend import Support, check_tensor, on_input_device, register_op, resolve
 
 OP = "kd_kl_div"
 MODES = ("spatial", "channel")
@@ -104,6 +104,7 @@ def _torch_forward(s, t, temperature, mode, need_grad):
     return kl, log_ps.exp_().sub_(p_t)
 
 
+@on_input_device
 def _triton_forward(s, t, temperature, mode, need_grad):
     from transkd_fast.kernels import kl_div as K
 
@@ -117,6 +118,7 @@ def _torch_backward(d, grad_loss, scale):
     return (d.to(k.dtype) * k).to(d.dtype)
 
 
+@on_input_device
 def _triton_backward(d, grad_loss, scale):
     from transkd_fast.kernels import kl_div as K
 

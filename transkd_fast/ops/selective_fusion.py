@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transkd_fast.backend import Support, check_tensor, register_op, resolve
+from transkd_fast.backend import Support, check_tensor, on_input_device, register_op, resolve
 
 POOL = "selective_pool"
 FUSE = "selective_fuse"
@@ -231,6 +231,7 @@ def _kernels():
     return k
 
 
+@on_input_device
 def _triton_pool_forward(x, y):
     B, C, H, W = x.shape
     h, w = y.shape[-2:]
@@ -239,6 +240,7 @@ def _triton_pool_forward(x, y):
     return out
 
 
+@on_input_device
 def _triton_pool_backward(g, H, W, h, w):
     B, C = g.shape
     dy = torch.empty(B, C, h, w, device=g.device, dtype=g.dtype)
@@ -250,6 +252,7 @@ def _a32(a):
     return a if a.dtype == torch.float32 else a.float()
 
 
+@on_input_device
 def _triton_fuse_forward(x, y, a):
     h, w = y.shape[-2:]
     H, W = x.shape[-2:]
@@ -258,6 +261,7 @@ def _triton_fuse_forward(x, y, a):
     return out
 
 
+@on_input_device
 def _triton_fuse_backward(g, x, y, a):
     h, w = y.shape[-2:]
     H, W = x.shape[-2:]

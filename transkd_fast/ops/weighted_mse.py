@@ -20,13 +20,12 @@ Backward saves nothing but the inputs. The loss is an fp32 scalar (fp64 for fp64
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from transkd_fast.backend import Support, check_tensor, register_op, resolve
+from transkd_fast.backend import Support, check_tensor, on_input_device, register_op, resolve
 
 OP = "weighted_mse"
 
@@ -80,15 +79,6 @@ def _check_inputs(inputs, targets, weights) -> list[float]:
     return out
 
 
-@contextlib.contextmanager
-def _on_device(t: torch.Tensor):
-    if t.device.type == "cuda":
-        with torch.cuda.device(t.device):
-            yield
-    else:
-        yield
-
-
 # ---------------------------------------------------------------------------------------
 # torch backend: ATen's fused MSE kernels (one read of x and y per stage and direction).
 
@@ -115,32 +105,32 @@ def _torch_backward(grad, xs, ys, weights, need_y):
 # triton backend.
 
 
+@on_input_device
 def _triton_forward(xs, ys, weights):
     from transkd_fast.kernels.weighted_mse import wmse_num_programs, wmse_stage_forward
 
     counts = [wmse_num_programs(x, y) for x, y in zip(xs, ys)]
     share = xs[0].new_empty(sum(counts), dtype=_acc_dtype(xs[0].dtype))
     off = 0
-    with _on_device(xs[0]):
-        for x, y, w, n in zip(xs, ys, weights, counts):
-            wmse_stage_forward(x, y, w, share[off:off + n])
-            off += n
+    for x, y, w, n in zip(xs, ys, weights, counts):
+        wmse_stage_forward(x, y, w, share[off:off + n])
+        off += n
     return share.sum()
 
 
+@on_input_device
 def _triton_backward(grad, xs, ys, weights, need_y):
     from transkd_fast.kernels.weighted_mse import wmse_stage_backward
 
     grad = grad.to(_acc_dtype(xs[0].dtype))
     gx, gy = [], []
-    with _on_device(xs[0]):
-        for x, y, w, want in zip(xs, ys, weights, need_y):
-            g_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            g_y = torch.empty(y.shape, dtype=y.dtype, device=y.device) if want else None
-            wmse_stage_backward(grad, x, y, w, g_x, g_y)
-            gx.append(g_x)
-            if want:
-                gy.append(g_y)
+    for x, y, w, want in zip(xs, ys, weights, need_y):
+        g_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        g_y = torch.empty(y.shape, dtype=y.dtype, device=y.device) if want else None
+        wmse_stage_backward(grad, x, y, w, g_x, g_y)
+        gx.append(g_x)
+        if want:
+            gy.append(g_y)
     return gx + gy
 
 
