@@ -18,45 +18,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _list_loss import DEVICE, DTYPES, modeled_bytes, stage_inputs, time_fwd_bwd
 
-from transkd_fast import traffic
 from transkd_fast.backend import BackendError, resolve
 from transkd_fast.ops import hcl as hcl_ops
 from transkd_fast.ops.hcl import hcl_loss, hcl_loss_reference
 
 SHAPES = [(2, 64, 128, 256), (2, 128, 64, 128), (2, 320, 32, 64), (2, 512, 16, 32)]
 BACKENDS = ("reference", "torch", "triton")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = (torch.float32, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
-
-
-def _inputs(dtype, device=DEVICE):
-    fs = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in SHAPES]
-    ft = [(0.5 * torch.randn(s, device=device) + 0.1).to(dtype) for s in SHAPES]
-    return fs, ft
 
 
 def _modeled_bytes(dtype) -> dict:
-    """Bytes moved by one forward + backward of each backend, counted on fake tensors."""
-    with traffic._fake():
-        fs, ft = _inputs(dtype, device="cpu")
+    def internals(fs, ft):
+        loss, pooled = hcl_ops._torch_forward(fs, ft)
+        hcl_ops._torch_backward(torch.ones_like(loss), fs, ft, pooled, [False] * len(fs))
 
-        def step(fn):
-            for t in fs:
-                t.grad = None
-            fn().backward()
-
-        ref, _ = traffic.count_bytes(lambda: step(lambda: hcl_loss_reference(fs, ft)))
-        fused, _ = traffic.count_bytes(lambda: step(lambda: torch.ops.transkd_fast.hcl_loss(fs, ft, "triton")[0]),
-                                       only=traffic._custom)
-
-        def torch_internals():
-            loss, pooled = hcl_ops._torch_forward(fs, ft)
-            hcl_ops._torch_backward(torch.ones_like(loss), fs, ft, pooled, [False] * len(fs))
-
-        with torch.no_grad():
-            eager, _ = traffic.count_bytes(torch_internals)
-    return {"reference": ref, "torch": eager, "triton": fused}
+    return modeled_bytes(SHAPES, dtype, hcl_loss_reference,
+                         lambda fs, ft: torch.ops.transkd_fast.hcl_loss(fs, ft, "triton")[0], internals)
 
 
 _BYTES: dict = {}
@@ -65,7 +43,7 @@ _BYTES: dict = {}
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hcl_loss_fwd_bwd(benchmark, backend, dtype):
-    fs, ft = _inputs(dtype)
+    fs, ft = stage_inputs(SHAPES, dtype)
     try:
         resolve("hcl_loss", fs[0], backend=backend)
     except BackendError as e:
@@ -83,14 +61,4 @@ def test_hcl_loss_fwd_bwd(benchmark, backend, dtype):
         "bytes_reference": bytes_["reference"],
         "bytes_fused_io": bytes_["triton"],
     })
-    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
-
-    def run():
-        for t in fs:
-            t.grad = None
-        hcl_loss(fs, ft, backend=backend).backward()
-        sync()
-
-    rounds = 20 if DEVICE.type == "cuda" else 3
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in fs)
+    time_fwd_bwd(benchmark, fs, lambda: hcl_loss(fs, ft, backend=backend))

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _list_loss import DEVICE, DTYPES, modeled_bytes, stage_inputs, time_fwd_bwd
 
-from transkd_fast import traffic
 from transkd_fast.backend import BackendError, resolve
 from transkd_fast.ops import weighted_mse as wmse_ops
 from transkd_fast.ops.weighted_mse import weighted_mse, weighted_mse_reference
@@ -27,37 +27,15 @@ from transkd_fast.ops.weighted_mse import weighted_mse, weighted_mse_reference
 SHAPES = [(2, 32768, 64), (2, 8192, 128), (2, 2048, 320), (2, 512, 512)]
 WEIGHTS = [0.1, 0.1, 0.5, 1.0]
 BACKENDS = ("reference", "torch", "triton")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = (torch.float32, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
-
-
-def _inputs(dtype, device=DEVICE):
-    xs = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in SHAPES]
-    ys = [(0.5 * torch.randn(s, device=device) + 0.1).to(dtype) for s in SHAPES]
-    return xs, ys
 
 
 def _modeled_bytes(dtype) -> dict:
-    """Bytes moved by one forward + backward of each backend, counted on fake tensors."""
-    with traffic._fake():
-        xs, ys = _inputs(dtype, device="cpu")
+    def internals(xs, ys):
+        loss = wmse_ops._torch_forward(xs, ys, WEIGHTS)
+        wmse_ops._torch_backward(torch.ones_like(loss), xs, ys, WEIGHTS, [False] * len(xs))
 
-        def step(fn):
-            for t in xs:
-                t.grad = None
-            fn().backward()
-
-        ref, _ = traffic.count_bytes(lambda: step(lambda: weighted_mse_reference(xs, ys, WEIGHTS)))
-        fused, _ = traffic.count_bytes(
-            lambda: step(lambda: torch.ops.transkd_fast.weighted_mse(xs, ys, WEIGHTS, "triton")), only=traffic._custom)
-
-        def torch_internals():
-            loss = wmse_ops._torch_forward(xs, ys, WEIGHTS)
-            wmse_ops._torch_backward(torch.ones_like(loss), xs, ys, WEIGHTS, [False] * len(xs))
-
-        with torch.no_grad():
-            eager, _ = traffic.count_bytes(torch_internals)
-    return {"reference": ref, "torch": eager, "triton": fused}
+    return modeled_bytes(SHAPES, dtype, lambda xs, ys: weighted_mse_reference(xs, ys, WEIGHTS),
+                         lambda xs, ys: torch.ops.transkd_fast.weighted_mse(xs, ys, WEIGHTS, "triton"), internals)
 
 
 _BYTES: dict = {}
@@ -66,7 +44,7 @@ _BYTES: dict = {}
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_mse_fwd_bwd(benchmark, backend, dtype):
-    xs, ys = _inputs(dtype)
+    xs, ys = stage_inputs(SHAPES, dtype)
     try:
         resolve("weighted_mse", xs[0], backend=backend)
     except BackendError as e:
@@ -84,14 +62,4 @@ def test_weighted_mse_fwd_bwd(benchmark, backend, dtype):
         "bytes_reference": bytes_["reference"],
         "bytes_fused_io": bytes_["triton"],
     })
-    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
-
-    def run():
-        for t in xs:
-            t.grad = None
-        weighted_mse(xs, ys, WEIGHTS, backend=backend).backward()
-        sync()
-
-    rounds = 20 if DEVICE.type == "cuda" else 3
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in xs)
+    time_fwd_bwd(benchmark, xs, lambda: weighted_mse(xs, ys, WEIGHTS, backend=backend))
