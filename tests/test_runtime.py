@@ -13,6 +13,8 @@ import textwrap
 import pytest
 
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+# With another malloc preloaded (tcmalloc, jemalloc) glibc's heap is not used and the setting is moot.
+PRELOADED_MALLOC = "malloc" in os.environ.get("LD_PRELOAD", "")
 
 
 def _run(code: str, *args: str) -> str:
@@ -46,6 +48,7 @@ _STEP_FAULTS = """
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.skipif(PRELOADED_MALLOC, reason="another malloc is preloaded (LD_PRELOAD): glibc's heap is not used")
 def test_tuned_allocator_stops_page_faults_between_steps():
     # A small SegFormer-B0 training step, eight times: with glibc's defaults every step faults
     # thousands of fresh pages in again (its MB-sized buffers come from new mmaps); tuned, the

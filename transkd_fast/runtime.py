@@ -7,16 +7,17 @@ again and pays a page fault per 4 KiB page (about 1 µs each on this project's V
 TransKD-Base step at 2×3×256×512 took ~40–90 k faults, 50–80 ms of a ~700 ms step).
 
 :func:`tune_cpu_allocator` sets two ``mallopt`` parameters so that freed memory stays in the
-process and is reused by the next step (what jemalloc/tcmalloc or the CUDA caching allocator
-do): ``M_MMAP_THRESHOLD`` = 32 MiB (blocks below it come from the heap, not from fresh
-mmaps; 32 MiB is glibc's ceiling for this setting) and ``M_TRIM_THRESHOLD`` = 1 GiB (free
-heap memory below that is kept). Peak RSS is essentially unchanged (the memory is reused,
-not added); the process simply does not shrink between steps. Values computed are
-unchanged: only where the bytes live differs.
+process and is reused by the next step (what tcmalloc or the CUDA caching allocator do;
+jemalloc only with its page decay turned off): ``M_MMAP_THRESHOLD`` = 32 MiB (blocks below
+it come from the heap, not from fresh mmaps; 32 MiB is glibc's ceiling for this setting) and
+``M_TRIM_THRESHOLD`` = 1 GiB (free heap memory below that is kept). Peak RSS is essentially
+unchanged (the memory is reused, not added); the process simply does not shrink between
+steps. Values computed are unchanged: only where the bytes live differs.
 
 The training engine calls it on CPU runs (``TrainConfig.cpu_allocator = "tuned"``, the
 default; ``"default"`` leaves glibc alone). It is a no-op returning ``False`` where glibc's
-``mallopt`` is not available (macOS, Windows, musl).
+``mallopt`` is not available (macOS, Windows, musl). Under a preloaded allocator (``LD_PRELOAD`` of
+tcmalloc or jemalloc) the call still succeeds and changes nothing: glibc's heap is not used.
 """
 
 from __future__ import annotations
