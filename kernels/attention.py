@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import sm_count
+
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -317,9 +319,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so tests still take the split path
+    return sm_count(device, 4)  # interpreter: small, so tests still take the split path
 
 
 def default_split(B: int, H: int, NQ: int, NKV: int, device: torch.device) -> int:

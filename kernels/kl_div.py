@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import sm_count
+
 # Tiles hold 2048 values per tensor (16 per thread at 4 warps): more would cut occupancy of
 # these memory-bound kernels or spill.
 # Spatial mode: one tile holds every class when C <= BLOCK_C; key BLOCK_C -> (BLOCK_P, num_warps).
@@ -329,7 +331,7 @@ def channel_split(rows: int, HW: int, block_r: int, block: int, device: torch.de
     gets about 4 programs per SM; ``split`` forces the number (tests)."""
     blocks = triton.cdiv(HW, block)
     if split is None:
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        target = 4 * sm_count(device, 0) or 1
         split = triton.cdiv(target, triton.cdiv(rows, block_r))
     split = max(1, min(split, blocks, MAX_SPLIT))
     chunk = triton.cdiv(blocks, split) * block

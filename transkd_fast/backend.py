@@ -123,6 +123,22 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_recording_launches = False
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[None]:
+    """Let the triton backend take CPU tensors without the interpreter, for
+    :mod:`transkd_fast.compile_check`, which intercepts every launch and compiles it for a GPU
+    target instead of running it. Outputs of intercepted launches stay unwritten."""
+    global _recording_launches
+    previous, _recording_launches = _recording_launches, True
+    try:
+        yield
+    finally:
+        _recording_launches = previous
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -178,7 +194,7 @@ def _refusal(backend: str, support: Optional[Support], device: torch.device,
     if backend == "triton":
         if not triton_available():
             return "triton is not installed"
-        if device.type == "cpu" and not triton_interpreting():
+        if device.type == "cpu" and not (triton_interpreting() or _recording_launches):
             return ("triton kernels need CUDA tensors; CPU tensors run only in Triton's "
                     "interpreter (set TRITON_INTERPRET=1 before importing triton)")
     if backend == "xformers":

@@ -1,50 +1,317 @@
-"""Ahead-of-time compile check of every Triton kernel for sm_80 and sm_90, with no GPU.
+"""Launch-faithful ahead-of-time compile check of every Triton kernel, for sm_80 and sm_90, with no GPU.
 
-Each kernel module ``transkd_fast.kernels.<op>`` exposes ``compile_specs()``: a list of
-:class:`CompileSpec` (kernel, signature, constexprs, launch options) covering its dtypes
-and autotune configs. This module compiles each one with ``triton.compile`` for a
-``GPUTarget``, runs the PTX through the ``ptxas`` bundled with triton (``-v``) and reads
-registers and spill bytes; shared memory comes from the compile metadata.
+Hand-written signatures model what we expect to launch, not what launches: at a real launch
+Triton's JIT turns an int argument equal to 1 into a ``constexpr`` and gives pointers and ints
+divisible by 16 a divisibility hint, so a kernel can pass every interpreter test and fail to
+compile on its first CUDA call. This check therefore compiles **recorded launches**:
 
-Kernels defined while ``TRITON_INTERPRET=1`` cannot be compiled, so tests call
+1. **Op calls.** The real op entry points (``efficient_attention``, ``selective_pool``,
+   ``selective_fuse``, ``hcl_loss``, ``kd_kl_div``, ``weighted_mse``) are called, forward and
+   backward, at
+   - the shapes, strides and storage offsets they receive in a TransKD-Base / GL / EA training
+     step (teacher SegFormer-B2, student B0, 512×1024, batch 2 and 1) and in SegFormer-B0
+     inference at 1024×2048: each model runs once in fp32 on the CPU with the ``torch``
+     backend while every op call's arguments are recorded (:func:`record_op_calls`);
+   - the odd sizes of the tests (13×27 maps, Nkv = 1, H = 1, batch 1: :func:`odd_calls`).
+
+   Each recorded call is replayed with fresh tensors of the same shapes, strides and storage
+   offsets (so pointers get the hints a launch on the model's views gets) in fp32, fp16 and
+   bf16, with 4-D maps both as recorded (channels_last from the models) and contiguous.
+2. **Launches.** During the replay the ``triton`` backend takes CPU tensors
+   (:func:`transkd_fast.backend.recording_launches`) and ``JITFunction.run`` is intercepted:
+   the arguments are bound by Triton's own binder (``create_function_from_signature`` +
+   ``JITFunction._pack_args``, the code a launch runs) for a ``GPUTarget`` of each arch, then
+   compiled with ``triton.compile``. Nothing runs; outputs stay unwritten. Autotuned kernels
+   build every config their pruning keeps (the benchmark is replaced by a stub). Launchers see
+   the SM count of the modeled GPU (108 for sm_80 / A100, 132 for sm_90 / H100-H200).
+3. **Report.** Per distinct build (kernel, arch, signature, constexprs, hints, warps, stages):
+   registers and spill bytes (``ptxas -v`` of the bundled ptxas), shared memory, the global
+   load/store widths found in the PTX (``ld.global.v4.b32`` = 128 bits), and the cases that
+   launched it. A failure to bind or compile is a row with its error.
+
+Kernels defined while ``TRITON_INTERPRET=1`` cannot be compiled: tests call
 :func:`check_in_subprocess`, which runs ``python -m transkd_fast.compile_check`` in a child
 process with the interpreter switched off.
 
-CLI: ``python -m transkd_fast.compile_check [--ops attention hcl] [--json F] [--markdown F]``
-exits 1 on any spill or compile failure.
+CLI: ``python -m transkd_fast.compile_check [--ops hcl ...] [--suites step odd] [--archs 80 90]
+[--json F] [--markdown F]`` exits 1 on any compile failure or spill.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 KERNEL_OPS = ("attention", "selective_fusion", "hcl", "kl_div", "weighted_mse")
 ARCHS = (80, 90)
+SM_COUNT = {80: 108, 90: 132}  # A100; H100 / H200 SXM
+DTYPES = ("float32", "float16", "bfloat16")
+SUITES = ("step", "odd")
+
+# The public entry point of each op (module attribute names in transkd_fast.ops.<op>).
+ENTRY_POINTS = {
+    "attention": ("efficient_attention",),
+    "selective_fusion": ("selective_pool", "selective_fuse"),
+    "hcl": ("hcl_loss",),
+    "kl_div": ("kd_kl_div",),
+    "weighted_mse": ("weighted_mse",),
+}
 
 
-@dataclass
-class CompileSpec:
-    """One kernel build: ``signature`` maps every argument to a Triton type string
-    ("*fp16", "i32", "fp32", "constexpr"); ``constexprs`` gives the constexpr values."""
+# ---------------------------------------------------------------------------------------
+# Recorded op calls: tensors as (shape, stride, storage offset, dtype, requires_grad).
 
-    kernel: Callable
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 2
-    label: str = ""  # e.g. "fwd fp16 D=64 BLOCK_M=128"
-    attrs: Optional[dict] = None
-    extra: dict = field(default_factory=dict)
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple
+    stride: tuple
+    offset: int
+    storage: int  # elements of the underlying storage
+    dtype: str
+    requires_grad: bool
+
+    @staticmethod
+    def of(t) -> "TensorSpec":
+        return TensorSpec(tuple(t.shape), tuple(t.stride()), t.storage_offset(),
+                          t.untyped_storage().nbytes() // t.element_size(), str(t.dtype).replace("torch.", ""),
+                          bool(t.requires_grad))
+
+    def describe(self) -> str:
+        return f"{list(self.shape)}{'' if self._contiguous() else ' strides ' + str(list(self.stride))}"
+
+    def _contiguous(self) -> bool:
+        expect, acc = [], 1
+        for n in reversed(self.shape):
+            expect.append(acc)
+            acc *= n
+        return all(s == e for s, e, n in zip(self.stride, reversed(expect), self.shape) if n != 1)
+
+
+def _freeze(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return TensorSpec.of(x)
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x) if isinstance(x, tuple) else ("__list__", *(_freeze(v) for v in x))
+    return x
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One call of an op's public function: ``fn(*args, **kwargs)`` with tensors as specs."""
+
+    op: str
+    fn: str
+    args: tuple
+    kwargs: tuple  # sorted (name, value) pairs
+    case: str = field(default="", compare=False)
+
+    def key(self):
+        return (self.op, self.fn, self.args, self.kwargs)
+
+
+def _thaw(x, dtype, layout: str, gen):
+    import torch
+
+    if isinstance(x, TensorSpec):
+        dt = getattr(torch, x.dtype)
+        if dt.is_floating_point and dtype is not None:
+            dt = dtype
+        shape, stride, offset, storage = x.shape, x.stride, x.offset, x.storage
+        if layout == "contiguous" and len(shape) == 4:
+            t = torch.empty(shape, dtype=dt)
+        else:
+            buf = torch.empty(max(storage, offset + 1), dtype=dt)
+            t = buf.as_strided(shape, stride, offset)
+        if dt.is_floating_point:
+            # fresh random data: nothing runs, but host-side code may look at the values
+            t.copy_(torch.randn(shape, generator=gen).to(dt))
+        if x.requires_grad and dt.is_floating_point:
+            t.requires_grad_(True)
+        return t
+    if isinstance(x, tuple):
+        if x and x[0] == "__list__":
+            return [_thaw(v, dtype, layout, gen) for v in x[1:]]
+        return tuple(_thaw(v, dtype, layout, gen) for v in x)
+    return x
+
+
+def _entry_functions() -> dict[tuple[str, str], Callable]:
+    import importlib
+
+    out = {}
+    for op, names in ENTRY_POINTS.items():
+        mod = importlib.import_module(f"transkd_fast.ops.{op}")
+        for n in names:
+            out[(op, n)] = getattr(mod, n)
+    return out
+
+
+@contextlib.contextmanager
+def record_op_calls(case: str, sink: list) -> Iterator[list]:
+    """Record every call of an op's public function made inside the block into ``sink``.
+
+    The functions are replaced, for the block's duration, wherever a ``transkd_fast`` module
+    holds them (the models import them by name); the original still runs."""
+    funcs = _entry_functions()
+    by_id = {id(f): key for key, f in funcs.items()}
+    patched = []
+
+    def wrap(key, f):
+        def recorder(*args, **kwargs):
+            sink.append(OpCall(key[0], key[1], _freeze(args), tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())),
+                               case))
+            return f(*args, **kwargs)
+        return recorder
+
+    wrappers = {key: wrap(key, f) for key, f in funcs.items()}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("transkd_fast") or mod is None:
+            continue
+        for attr, val in list(vars(mod).items()):
+            key = by_id.get(id(val))
+            if key is not None:
+                setattr(mod, attr, wrappers[key])
+                patched.append((mod, attr, val))
+    try:
+        yield sink
+    finally:
+        for mod, attr, val in patched:
+            setattr(mod, attr, val)
+
+
+def step_calls(batches: Sequence[int] = (2, 1), size: tuple[int, int] = (512, 1024),
+               infer_size: tuple[int, int] = (1024, 2048)) -> list[OpCall]:
+    """Op calls of a TransKD-Base / GL / EA step (B2 → B0) and of B0 inference, recorded from
+    the models themselves (fp32, CPU, ``torch`` backend, real compute)."""
+    import torch
+
+    import transkd_fast
+    from transkd_fast.distill import TransKD
+    from transkd_fast.models import build_model
+
+    calls: list[OpCall] = []
+    torch.manual_seed(0)
+    teacher = build_model("segformer_b2", num_classes=20).eval()
+    H, W = size
+    with transkd_fast.use_backend("torch"):
+        for variant in ("base", "gl", "ea"):
+            student = build_model("segformer_b0", num_classes=20)
+            kd = TransKD(student, teacher, variant=variant).train()
+            for b in batches:
+                images = torch.randn(b, 3, H, W)
+                labels = torch.randint(0, 20, (b, H // 4, W // 4))
+                with record_op_calls(f"TransKD-{variant} step {H}x{W} batch {b}", calls):
+                    kd(images, labels)["loss"].backward()
+                kd.zero_grad(set_to_none=True)
+        model = build_model("segformer_b0", num_classes=20).eval()
+        with torch.no_grad(), record_op_calls(f"B0 inference {infer_size[0]}x{infer_size[1]}", calls):
+            model(torch.randn(1, 3, *infer_size))
+    return calls
+
+
+def odd_calls() -> list[OpCall]:
+    """The odd sizes of the op tests: 13×27 maps, Nkv = 1, one head, batch 1, single stages."""
+    import torch
+
+    calls: list[OpCall] = []
+
+    def call(case, op, fn, *args, **kwargs):
+        calls.append(OpCall(op, fn, _freeze(args), tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())), case))
+
+    def t(*shape, grad=True, cl=False):
+        x = torch.empty(shape)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.requires_grad_(grad)
+
+    for b in (1, 2):
+        for nq, nkv, h, d in ((19, 1, 1, 32), (13 * 27, 7, 2, 64), (1, 5, 1, 16), (200, 33, 5, 32)):
+            call(f"attention odd B={b} Nq={nq} Nkv={nkv} H={h} D={d}", "attention", "efficient_attention",
+                 t(b, nq, h, d), t(b, nkv, h, d), t(b, nkv, h, d))
+        kv = t(b, 7, 2, 2, 32)  # k and v as strided views of one kv tensor, as in MiT
+        call(f"attention odd kv views B={b}", "attention", "efficient_attention",
+             t(b, 13 * 27, 2, 32), kv[:, :, 0], kv[:, :, 1])
+        for cl in (False, True):
+            lay = "channels_last" if cl else "contiguous"
+            for (h, w), (hl, wl) in (((13, 27), (7, 14)), ((1, 1), (1, 1)), ((1, 5), (1, 3)), ((16, 32), (8, 16))):
+                x, y = t(b, 64, h, w, cl=cl), t(b, 64, hl, wl, cl=cl)
+                call(f"selective_fusion odd {lay} B={b} {h}x{w}<-{hl}x{wl}", "selective_fusion", "selective_pool",
+                     x, y)
+                call(f"selective_fusion odd {lay} B={b} {h}x{w}<-{hl}x{wl}", "selective_fusion", "selective_fuse",
+                     x, y, t(b, 2, 64, 1, 1))
+            for hw in ((13, 27), (1, 1), (1, 7), (3, 5), (4, 4), (5, 9)):
+                call(f"hcl odd {lay} N={b} {hw[0]}x{hw[1]}", "hcl", "hcl_loss",
+                     [t(b, 5, *hw, cl=cl)], [t(b, 5, *hw, cl=cl, grad=False)])
+                for mode in ("spatial", "channel"):
+                    call(f"kl_div odd {lay} {mode} N={b} {hw[0]}x{hw[1]}", "kl_div", "kd_kl_div",
+                         t(b, 19, *hw, cl=cl), t(b, 19, *hw, cl=cl, grad=False), 4.0, mode)
+        for shape in ((b, 13, 27), (b, 1, 1), (b, 1, 33), (b, 4096, 16)):
+            call(f"weighted_mse odd {list(shape)}", "weighted_mse", "weighted_mse",
+                 [t(*shape)], [t(*shape, grad=False)], [0.5])
+        x = t(b, 64, 40)
+        call(f"weighted_mse odd strided B={b}", "weighted_mse", "weighted_mse",
+             [x[:, ::2], t(b, 5, 7)], [t(b, 32, 40, grad=False), t(b, 5, 7)], [0.1, 1.0])
+    return calls
+
+
+def dedupe(calls: Sequence[OpCall]) -> list[tuple[OpCall, list[str]]]:
+    """Unique calls with the cases that made each."""
+    seen: dict = {}
+    for c in calls:
+        seen.setdefault(c.key(), (c, []))[1].append(c.case)
+    return [(c, sorted(set(cases))) for c, cases in seen.values()]
+
+
+def replay(call: OpCall, dtype: str, layout: str) -> None:
+    """Call the op's public function on fresh tensors shaped like ``call``'s with the triton
+    backend, then backward through every output that requires grad."""
+    import torch
+
+    import transkd_fast
+
+    fn = _entry_functions()[(call.op, call.fn)]
+    gen = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    args = _thaw(call.args, dt, layout, gen)
+    kwargs = {k: _thaw(v, dt, layout, gen) for k, v in call.kwargs}
+    with transkd_fast.use_backend("triton"):
+        out = fn(*args, **kwargs)
+        outs = [o for o in (out if isinstance(out, (list, tuple)) else [out])
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        if outs:
+            torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs])
+
+
+# ---------------------------------------------------------------------------------------
+# Launch interception: Triton's binder, then triton.compile for a GPUTarget.
+
+_LD = re.compile(r"^\s*(?:@%p\d+\s+)?ld\.global(?:\.[a-zA-Z0-9:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", re.M)
+_ST = re.compile(r"^\s*(?:@%p\d+\s+)?st\.global(?:\.[a-zA-Z0-9:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", re.M)
+
+
+def access_widths(ptx: str) -> dict[str, dict[int, int]]:
+    """Count of global loads / stores per access width in bits (``ld.global.v4.b32`` = 128)."""
+    out = {}
+    for name, pat in (("ld", _LD), ("st", _ST)):
+        counts: dict[int, int] = {}
+        for vec, bits in pat.findall(ptx):
+            w = int(vec or 1) * int(bits)
+            counts[w] = counts.get(w, 0) + 1
+        out[name] = dict(sorted(counts.items()))
+    return out
 
 
 def _ptxas(arch: int) -> str:
@@ -74,80 +341,250 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     return {"registers": max(regs) if regs else 0, "spill_bytes": sum(spills)}
 
 
-def compile_one(spec: CompileSpec, arch: int) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+class Recorder:
+    """Intercepts ``JITFunction.run`` and compiles each distinct launch for ``arch``."""
 
-    src = ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    rep = ptxas_report(compiled.asm["ptx"], arch)
-    return {
-        "kernel": spec.kernel.fn.__name__ if hasattr(spec.kernel, "fn") else spec.kernel.__name__,
-        "label": spec.label,
-        "arch": f"sm_{arch}",
-        "num_warps": spec.num_warps,
-        "num_stages": spec.num_stages,
-        "shared_bytes": int(compiled.metadata.shared),
-        **rep,
-    }
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.builds: dict[Any, dict] = {}
+        self.case = ""
+        self.failures = 0
+
+    def _compile(self, jit_fn, args, kwargs) -> None:
+        import triton
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        kwargs = dict(kwargs)
+        kwargs["debug"] = kwargs.get("debug", jit_fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        target = GPUTarget("cuda", self.arch, 32)
+        name = jit_fn.fn.__name__
+        try:
+            backend = make_backend(target)
+            binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
+            bound_args, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound_args, specialization,
+                                                                       options)
+        except Exception as e:  # a launch that cannot even bind is a failure of its own
+            key = (name, "bind", type(e).__name__, str(e)[:200])
+            row = self.builds.setdefault(key, {"kernel": name, "arch": f"sm_{self.arch}",
+                                               "error": f"bind: {type(e).__name__}: {e}"[:2000], "cases": []})
+            row["cases"].append(self.case)
+            return
+        key = (name, repr(sorted(signature.items())), repr(sorted((k, repr(v)) for k, v in constexprs.items())),
+               repr(sorted(attrs.items())), options.num_warps, options.num_stages)
+        row = self.builds.get(key)
+        if row is None:
+            arg_names = [p.name for p in jit_fn.params]
+            consts = {arg_names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
+            row = {"kernel": name, "arch": f"sm_{self.arch}", "num_warps": options.num_warps,
+                   "num_stages": options.num_stages,
+                   "config": _config_label(jit_fn, signature, consts, arg_names),
+                   "specialized": _specialized(jit_fn, signature, consts, attrs, arg_names),
+                   "cases": []}
+            t0 = time.perf_counter()
+            try:
+                compiled = triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=target,
+                                          options=options.__dict__)
+                ptx = compiled.asm["ptx"]
+                row.update(ptxas_report(ptx, self.arch))
+                row["shared_bytes"] = int(compiled.metadata.shared)
+                row["access_bits"] = access_widths(ptx)
+            except Exception as e:  # report every failure, keep going
+                self.failures += 1
+                row["error"] = f"{type(e).__name__}: {e}"[:2000]
+            row["compile_s"] = round(time.perf_counter() - t0, 2)
+            self.builds[key] = row
+        row["cases"].append(self.case)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["Recorder"]:
+        from triton.runtime import autotuner, jit
+
+        from transkd_fast import backend
+        from transkd_fast.kernels import _device
+
+        recorder = self
+        orig_run = jit.JITFunction.run
+        orig_bench = autotuner.Autotuner.__dict__["do_bench"]
+        orig_sms = _device.EMULATED_SM_COUNT
+
+        def run(self, *args, grid, warmup, **kwargs):
+            recorder._compile(self, args, kwargs)
+            return None
+
+        def bench_stub(kernel_call, quantiles):
+            kernel_call()  # compiles this config through the patched run
+            return [1.0, 1.0, 1.0]
+
+        jit.JITFunction.run = run
+        autotuner.Autotuner.do_bench = property(lambda self: bench_stub)
+        _device.EMULATED_SM_COUNT = SM_COUNT.get(self.arch, 108)
+        try:
+            with backend.recording_launches():
+                yield self
+        finally:
+            jit.JITFunction.run = orig_run
+            autotuner.Autotuner.do_bench = orig_bench
+            _device.EMULATED_SM_COUNT = orig_sms
 
 
-def run(ops: tuple[str, ...] = KERNEL_OPS, archs: tuple[int, ...] = ARCHS, progress: bool = True) -> list[dict]:
+def _config_label(jit_fn, signature, consts, names) -> str:
+    """The kernel's declared constexprs (tile sizes, dtypes) and pointer dtypes, in short."""
+    declared = [p.name for p in jit_fn.params if p.is_constexpr]
+    parts = [f"{k}={_short(consts[k])}" for k in declared if k in consts]
+    ptrs = sorted({v.lstrip("*") for k, v in signature.items() if isinstance(v, str) and v.startswith("*")})
+    return " ".join([*ptrs, *parts])
+
+
+def _specialized(jit_fn, signature, consts, attrs, names) -> str:
+    """What the JIT decided beyond the declared constexprs: value-1 ints and ÷16 hints."""
+    declared = {p.name for p in jit_fn.params if p.is_constexpr}
+    ones = [f"{k}={v}" for k, v in consts.items() if k not in declared]
+    hinted = sorted(names[p[0]] for p in attrs if len(p) == 1)
+    out = []
+    if ones:
+        out.append("const " + ",".join(ones))
+    if hinted:
+        out.append(f"÷16 {len(hinted)}/{len(names)}")
+    return "; ".join(out)
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s.replace("triton.language.", "").replace("fp32", "f32")
+
+
+# ---------------------------------------------------------------------------------------
+# Driver.
+
+
+def collect_calls(ops: Sequence[str], suites: Sequence[str], progress: bool = True) -> list[tuple[OpCall, list[str]]]:
+    calls: list[OpCall] = []
+    if "step" in suites:
+        t0 = time.perf_counter()
+        calls += step_calls()
+        if progress:
+            print(f"[compile] recorded model step calls in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if "odd" in suites:
+        calls += odd_calls()
+    return [(c, cases) for c, cases in dedupe(calls) if c.op in ops]
+
+
+def _layouts(call: OpCall) -> tuple[str, ...]:
+    has_4d = any(isinstance(s, TensorSpec) and len(s.shape) == 4 for s in _flat(call.args))
+    return ("as-recorded", "contiguous") if has_4d else ("as-recorded",)
+
+
+def _flat(x):
+    if isinstance(x, TensorSpec):
+        yield x
+    elif isinstance(x, tuple):
+        for v in x:
+            yield from _flat(v)
+
+
+def run(ops: Sequence[str] = KERNEL_OPS, archs: Sequence[int] = ARCHS, suites: Sequence[str] = SUITES,
+        dtypes: Sequence[str] = DTYPES, progress: bool = True, calls=None) -> list[dict]:
+    """Record, bind and compile every launch; returns one row per distinct build and arch."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile checks need TRITON_INTERPRET unset: kernels defined while "
                            "interpreting cannot be compiled")
+    calls = collect_calls(ops, suites, progress) if calls is None else calls
     rows = []
-    for op in ops:
-        mod = importlib.import_module(f"transkd_fast.kernels.{op}")
-        specs = mod.compile_specs()
-        for spec in specs:
-            for arch in archs:
-                try:
-                    row = compile_one(spec, arch)
-                except Exception as e:  # report every failure, keep going
-                    row = {"kernel": getattr(spec.kernel, "__name__", "?"), "label": spec.label,
-                           "arch": f"sm_{arch}", "error": f"{type(e).__name__}: {e}"[:2000]}
-                row["op"] = op
-                rows.append(row)
-                if progress:
-                    print(f"[compile] {op:16s} {row['arch']} {row.get('label', '')}: "
-                          + (f"regs={row['registers']} spill={row['spill_bytes']} smem={row['shared_bytes']}"
-                             if "error" not in row else row["error"].splitlines()[0]),
-                          file=sys.stderr, flush=True)
+    for arch in archs:
+        rec = Recorder(arch)
+        with rec.active():
+            for call, cases in calls:
+                for dtype in dtypes:
+                    for layout in _layouts(call):
+                        rec.case = f"{cases[0]}{f' (+{len(cases) - 1})' if len(cases) > 1 else ''} | " \
+                                   f"{call.fn} {dtype} {layout}"
+                        n = len(rec.builds)
+                        try:
+                            replay(call, dtype, layout)
+                        except Exception as e:  # a launcher error is a failure, not a crash of the check
+                            key = ("replay", call.key(), dtype, layout)
+                            rec.builds[key] = {"kernel": call.fn, "arch": f"sm_{arch}", "cases": [rec.case],
+                                               "error": f"replay: {type(e).__name__}: {e}"[:2000]}
+                        if progress and len(rec.builds) > n:
+                            for row in list(rec.builds.values())[n:]:
+                                print(f"[compile] sm_{arch} {row['kernel']:24s} {row.get('config', '')} "
+                                      f"{row.get('specialized', '')}: "
+                                      + (row["error"].splitlines()[0][:200] if "error" in row else
+                                         f"regs={row['registers']} spill={row['spill_bytes']} "
+                                         f"smem={row['shared_bytes']} {row['compile_s']} s"),
+                                      file=sys.stderr, flush=True)
+        for row in rec.builds.values():
+            row["op"] = _op_of(row["kernel"])
+            rows.append(row)
     return rows
+
+
+def _op_of(kernel: str) -> str:
+    import importlib
+
+    for op in KERNEL_OPS:
+        mod = importlib.import_module(f"transkd_fast.kernels.{op}")
+        if hasattr(mod, kernel) or kernel in ENTRY_POINTS[op]:
+            return op
+    return "?"
+
+
+def bad_rows(rows: Sequence[dict]) -> list[dict]:
+    return [r for r in rows if "error" in r or r.get("spill_bytes", 0) > 0]
+
+
+def _widths(d: dict) -> str:
+    return " ".join(f"{w}×{n}" for w, n in d.items()) or "-"
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "# Triton compile report",
+        "# Triton compile report (recorded launches)",
         "",
         "Generated by `python -m transkd_fast.compile_check --markdown benchmarks/results/compile_report.md`:",
-        "every kernel built ahead of time with `triton.compile` for each target (no GPU needed),",
-        "registers and spills from the bundled `ptxas -v`, shared memory from the compile metadata.",
+        "the op entry points run forward and backward at the shapes of a TransKD-Base/GL/EA step (B2 → B0,",
+        "512×1024, batch 2 and 1), of B0 inference at 1024×2048 and at the tests' odd sizes, in fp32/fp16/bf16,",
+        "channels_last and contiguous; every Triton launch is bound by Triton's own binder (value-1 ints become",
+        "constexprs, ÷16 hints from real pointers and strides) and compiled with `triton.compile` for each",
+        "target. Nothing runs; no GPU is needed. Registers and spills from the bundled `ptxas -v`, shared",
+        "memory from the compile metadata, global access widths (bits × count) from the PTX.",
         "",
-        "| op | kernel | config | arch | warps | stages | registers | spill bytes | shared bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | kernel | config | specialized | arch | warps | stages | registers | spill bytes | shared bytes "
+        "| load bits | store bits | launches | first case |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["op"], r["kernel"], r.get("config", ""), r.get("specialized", ""),
+                                         r["arch"])):
+        case = r["cases"][0].replace("|", "/") if r["cases"] else ""
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['kernel']} | {r['label']} | {r['arch']} | | | FAILED | | |")
+            err = r["error"].splitlines()[0][:160].replace("|", "/")
+            lines.append(f"| {r['op']} | {r['kernel']} | {r.get('config', '')} | {r.get('specialized', '')} | "
+                         f"{r['arch']} | | | FAILED | | | | | {len(r['cases'])} | {case}: {err} |")
         else:
-            lines.append(f"| {r['op']} | {r['kernel']} | {r['label']} | {r['arch']} | {r['num_warps']} | "
-                         f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} |")
-    bad = [r for r in rows if "error" in r or r.get("spill_bytes", 0) > 0]
+            bits = r["access_bits"]
+            lines.append(f"| {r['op']} | {r['kernel']} | {r['config']} | {r['specialized']} | {r['arch']} | "
+                         f"{r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spill_bytes']} | "
+                         f"{r['shared_bytes']} | {_widths(bits['ld'])} | {_widths(bits['st'])} | "
+                         f"{len(r['cases'])} | {case} |")
+    bad = bad_rows(rows)
     lines += ["", f"{len(rows)} builds, {len(bad)} with spills or failures."]
     return "\n".join(lines) + "\n"
 
 
-def check_in_subprocess(ops: tuple[str, ...], archs: tuple[int, ...] = ARCHS, timeout: int = 1500) -> list[dict]:
+def check_in_subprocess(ops: Sequence[str], archs: Sequence[int] = ARCHS, suites: Sequence[str] = ("odd",),
+                        timeout: int = 1500, extra: Sequence[str] = ()) -> list[dict]:
     """Run the check in a fresh interpreter without ``TRITON_INTERPRET``; returns the rows."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rows.json"
-        cmd = [sys.executable, "-m", "transkd_fast.compile_check", "--ops", *ops,
-               "--archs", *map(str, archs), "--json", str(out), "--no-fail"]
+        cmd = [sys.executable, "-m", "transkd_fast.compile_check", "--ops", *ops, "--suites", *suites,
+               "--archs", *map(str, archs), "--json", str(out), "--no-fail", *extra]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0 or not out.exists():
             raise RuntimeError(f"compile check process failed ({res.returncode}):\n{res.stderr[-4000:]}")
@@ -156,22 +593,27 @@ def check_in_subprocess(ops: tuple[str, ...], archs: tuple[int, ...] = ARCHS, ti
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", nargs="+", default=list(KERNEL_OPS))
+    ap.add_argument("--ops", nargs="+", default=list(KERNEL_OPS), choices=KERNEL_OPS)
     ap.add_argument("--archs", nargs="+", type=int, default=list(ARCHS))
+    ap.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES,
+                    help="step: shapes recorded from the TransKD step and B0 inference; odd: the tests' odd sizes")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
-    ap.add_argument("--no-fail", action="store_true", help="exit 0 even with spills (the caller judges)")
+    ap.add_argument("--no-fail", action="store_true", help="exit 0 even with spills or failures (the caller judges)")
     a = ap.parse_args(argv)
-    rows = run(tuple(a.ops), tuple(a.archs))
+    rows = run(tuple(a.ops), tuple(a.archs), tuple(a.suites), tuple(a.dtypes))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
     if a.markdown:
         a.markdown.parent.mkdir(parents=True, exist_ok=True)
         a.markdown.write_text(markdown(rows))
-    bad = [r for r in rows if "error" in r or r.get("spill_bytes", 0) > 0]
+    bad = bad_rows(rows)
     for r in bad:
         what = r.get("error") or f"{r['spill_bytes']} spill bytes"
-        print(f"FAIL {r['op']} {r['kernel']} {r['label']} {r['arch']}: {what}", file=sys.stderr)
+        print(f"FAIL {r['op']} {r['kernel']} {r.get('config', '')} {r['arch']} [{r['cases'][0]}]: "
+              f"{what.splitlines()[0][:300]}", file=sys.stderr)
+    print(f"{len(rows)} builds, {len(bad)} with spills or failures", file=sys.stderr)
     return 0 if (a.no_fail or not bad) else 1
 
 
