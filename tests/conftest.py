@@ -3,11 +3,16 @@
 Triton reads ``TRITON_INTERPRET`` when it is imported, so it is set here, before any test
 module imports triton: kernel tests run in Triton's interpreter on CPU tensors. Compile
 checks run in a child process without it (``transkd_fast.compile_check``).
+
+``TRANSKD_TEST_DEVICE=cuda`` (CUDA test mode, ``scripts/gpu_check.sh``): the interpreter stays
+off and the op tests put their tensors on the GPU (``tests.helpers.DEVICE``), so the compiled
+kernels run; tests that need the interpreter skip.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRANSKD_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

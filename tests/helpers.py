@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+
+# Where the op tests put their tensors: the CPU (Triton's interpreter) by default, the GPU in
+# CUDA test mode (TRANSKD_TEST_DEVICE=cuda), where the compiled kernels run.
+DEVICE = torch.device(os.environ.get("TRANSKD_TEST_DEVICE", "cpu"))
+ON_CUDA = DEVICE.type == "cuda"
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs Triton's interpreter on CPU tensors")
+needs_cpu = pytest.mark.skipif(ON_CUDA, reason="CPU-only check (CUDA test mode)")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
