@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,8 +18,6 @@ from transkd_fast.data.base import (
     DatasetLayoutError,
     SegmentationDataset,
     Transform,
-    read_image,
-    read_label,
     require_dir,
 )
 
@@ -44,14 +42,23 @@ LABEL_ID_TO_TRAIN_ID = {
     24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
 
+# Label ids in a *_labelIds.png: 0..33, and 255 (the license plate's id -1 written as 8 bits).
+NUM_LABEL_IDS = 34
+
 _LUT = np.full(256, VOID, dtype=np.uint8)
 for _id, _tid in LABEL_ID_TO_TRAIN_ID.items():
     _LUT[_id] = _tid
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    """Map a Cityscapes ``labelIds`` array (uint8) to train ids, void = 255."""
-    return _LUT[np.asarray(label_ids, dtype=np.uint8)]
+    """Map a Cityscapes ``labelIds`` array to train ids (uint8), void = 255. Values outside
+    0..255 raise ``ValueError`` (they are not Cityscapes ids; a cast to uint8 would wrap them)."""
+    arr = np.asarray(label_ids)
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"label ids outside 0..255 (min {arr.min()}, max {arr.max()}) are not Cityscapes ids")
+        arr = arr.astype(np.uint8)
+    return _LUT[arr]
 
 
 # The class-balancing CE weights of the TransKD training scripts (ERFNet style, 1/ln(1.02 + f)).
@@ -72,8 +79,8 @@ class _CityscapesLike(SegmentationDataset):
     palette = CITYSCAPES_PALETTE
     class_weights = CITYSCAPES_CLASS_WEIGHTS
 
-    def __init__(self, transform: Optional[Transform]):
-        super().__init__(transform)
+    def __init__(self, transform: Optional[Transform], label_resize: bool = False):
+        super().__init__(transform, label_resize)
         self.samples: list[tuple[str, str, bool]] = []  # (image, label, label is labelIds)
 
     def _pair(self, image_path: str, label_base: str, layout: str, what: str) -> None:
@@ -93,17 +100,19 @@ class _CityscapesLike(SegmentationDataset):
 
     def load(self, index: int):
         image_path, label_path, is_label_ids = self.samples[index]
-        label = read_label(label_path)
         if is_label_ids:
-            label = label_ids_to_train_ids(label)
-        return read_image(image_path), label
+            return self.load_pair(image_path, label_path, NUM_LABEL_IDS, _LUT, what="Cityscapes labelIds")
+        return self.load_pair(image_path, label_path, what="Cityscapes train ids")
 
 
 class Cityscapes(_CityscapesLike):
-    """Cityscapes fine: ``split`` in train | val | test."""
+    """Cityscapes fine: ``split`` in train | val | test. ``label_resize``: see
+    :class:`~transkd_fast.data.base.SegmentationDataset` (default: a label of another size than
+    its image is an error)."""
 
-    def __init__(self, root: str, split: str = "train", transform: Optional[Transform] = None):
-        super().__init__(transform)
+    def __init__(self, root: str, split: str = "train", transform: Optional[Transform] = None,
+                 label_resize: bool = False):
+        super().__init__(transform, label_resize)
         img_dir = os.path.join(root, "leftImg8bit", split)
         gt_dir = os.path.join(root, "gtFine", split)
         require_dir(root, CITYSCAPES_LAYOUT, "Cityscapes root")
@@ -126,16 +135,57 @@ ACDC_LAYOUT = """  <root>/rgb_anon/<condition>/<split>/<sequence>/<name>_rgb_ano
       (or ..._gt_labelIds.png);  condition in fog | night | rain | snow"""
 
 
+def parse_conditions(conditions: Union[None, str, Sequence[str]]) -> Optional[tuple[str, ...]]:
+    """``None``, a comma-separated string (``"night,fog"``) or a sequence of ACDC condition names
+    as a tuple (order kept, duplicates dropped); an unknown name raises ``ValueError``."""
+    if conditions is None:
+        return None
+    if isinstance(conditions, str):
+        conditions = [c for c in conditions.split(",")]
+    out: list[str] = []
+    for c in conditions:
+        c = str(c).strip().lower()
+        if c not in ACDC_CONDITIONS:
+            raise ValueError(f"unknown ACDC condition {c!r}; choose among {', '.join(ACDC_CONDITIONS)}")
+        if c not in out:
+            out.append(c)
+    if not out:
+        raise ValueError(f"no ACDC condition given; choose among {', '.join(ACDC_CONDITIONS)}")
+    return tuple(out)
+
+
 class ACDC(_CityscapesLike):
-    """ACDC (adverse conditions), Cityscapes train ids. ``conditions`` defaults to all four."""
+    """ACDC (adverse conditions), Cityscapes train ids.
+
+    ``conditions``: the conditions to read (a sequence, or a comma-separated string such as
+    ``"night,fog"``), each of which must be present for ``split``. ``None`` (the default): every
+    condition whose ``rgb_anon/<condition>/<split>`` directory exists; the ones used are in
+    :attr:`conditions`, the absent ones in :attr:`missing_conditions`. When none is present the
+    error lists the directories looked for and what is there instead.
+    """
 
     def __init__(self, root: str, split: str = "train", transform: Optional[Transform] = None,
-                 conditions: Sequence[str] = ACDC_CONDITIONS):
-        super().__init__(transform)
+                 conditions: Union[None, str, Sequence[str]] = None, label_resize: bool = False):
+        super().__init__(transform, label_resize)
         require_dir(root, ACDC_LAYOUT, "ACDC root")
         require_dir(os.path.join(root, "rgb_anon"), ACDC_LAYOUT, "ACDC images")
         require_dir(os.path.join(root, "gt"), ACDC_LAYOUT, "ACDC labels")
-        for cond in conditions:
+        chosen = parse_conditions(conditions)
+        if chosen is None:
+            chosen = tuple(c for c in ACDC_CONDITIONS if os.path.isdir(os.path.join(root, "rgb_anon", c, split)))
+            if not chosen:
+                looked = "\n".join(f"  {os.path.join(root, 'rgb_anon', c, split)}" for c in ACDC_CONDITIONS)
+                cond_dirs = [(c, os.path.join(root, "rgb_anon", c)) for c in ACDC_CONDITIONS]
+                present = sorted(f"{c} ({s})" for c, d in cond_dirs if os.path.isdir(d)
+                                 for s in os.listdir(d) if os.path.isdir(os.path.join(d, s)))
+                raise DatasetLayoutError(
+                    f"ACDC images: no condition has a {split!r} split; looked for:\n{looked}\n"
+                    f"present: {', '.join(present) or 'nothing'}\nexpected layout:\n{ACDC_LAYOUT}")
+        self.conditions: tuple[str, ...] = chosen
+        self.missing_conditions: tuple[str, ...] = tuple(c for c in ACDC_CONDITIONS if c not in chosen
+                                                         and not os.path.isdir(os.path.join(root, "rgb_anon", c,
+                                                                                            split)))
+        for cond in chosen:
             img_dir = os.path.join(root, "rgb_anon", cond, split)
             gt_dir = os.path.join(root, "gt", cond, split)
             require_dir(img_dir, ACDC_LAYOUT, f"ACDC images ({cond})")
@@ -145,5 +195,6 @@ class ACDC(_CityscapesLike):
                 stem = os.path.basename(path)[: -len("rgb_anon.png")]
                 self._pair(path, os.path.join(gt_dir, seq, stem + "gt_"), ACDC_LAYOUT, "ACDC labels")
         if not self.samples:
-            raise DatasetLayoutError(f"ACDC: no *_rgb_anon.png under {root}/rgb_anon/<condition>/{split}/<sequence>/\n"
+            raise DatasetLayoutError(f"ACDC ({', '.join(chosen)}): no *_rgb_anon.png under "
+                                     f"{root}/rgb_anon/<condition>/{split}/<sequence>/\n"
                                      f"expected layout:\n{ACDC_LAYOUT}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -11,8 +11,6 @@ from transkd_fast.data.base import (
     DatasetLayoutError,
     SegmentationDataset,
     Transform,
-    read_image,
-    read_label,
     require_dir,
     require_file,
 )
@@ -47,11 +45,24 @@ VOC_LAYOUT = """  <root>/JPEGImages/<id>.jpg
 
 
 class VOC2012(SegmentationDataset):
+    """Pascal VOC 2012 segmentation (``split`` in train | val | trainval, or any list under
+    ``ImageSets/Segmentation``). Labels are palette PNGs whose indices are the classes.
+
+    VOC images differ in size, so a training batch needs the random scale + crop + pad pipeline
+    (``SegTransform(train=True, crop_size=ds.default_crop_size, scale_range=ds.default_scale_range)``,
+    the mmseg VOC recipe: 512×512 crops, scale 0.5–2) and evaluation either batch size 1 or
+    :func:`~transkd_fast.data.transforms.pad_collate`. ``label_resize``: see
+    :class:`~transkd_fast.data.base.SegmentationDataset`.
+    """
+
     class_names = VOC_CLASSES
     palette = VOC_PALETTE
+    default_crop_size: Optional[Tuple[int, int]] = (512, 512)
+    default_scale_range: Optional[Tuple[float, float]] = (0.5, 2.0)
 
-    def __init__(self, root: str, split: str = "train", transform: Optional[Transform] = None):
-        super().__init__(transform)
+    def __init__(self, root: str, split: str = "train", transform: Optional[Transform] = None,
+                 label_resize: bool = False):
+        super().__init__(transform, label_resize)
         require_dir(root, VOC_LAYOUT, "VOC2012 root")
         for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
             require_dir(os.path.join(root, sub), VOC_LAYOUT, f"VOC2012 {sub}")
@@ -74,4 +85,4 @@ class VOC2012(SegmentationDataset):
 
     def load(self, index: int):
         img, lab = self.samples[index]
-        return read_image(img), read_label(lab)
+        return self.load_pair(img, lab, what="VOC class indices")
