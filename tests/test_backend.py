@@ -162,3 +162,79 @@ def test_every_triton_launcher_is_guarded():
                 found.append(f"{name}.{attr}")
                 assert getattr(fn, "on_input_device", False), f"{name}.{attr} launches Triton without on_input_device"
     assert len(found) == 12, found
+
+
+# ---------------------------------------------------------------------------------------
+# auto on CUDA: decided per op by evidence, gated on compute capability, logged on request.
+
+
+def _fake_cuda(*shape):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(*shape, device="cuda:0")
+
+
+def _op_args(op):
+    import transkd_fast.ops  # noqa: F401  (registers every op)
+    from transkd_fast.ops import attention, hcl, kl_div, selective_fusion, weighted_mse  # noqa: F401
+
+    if op == "efficient_attention":
+        q = _fake_cuda(1, 5, 2, 16)
+        return (q, q, q)
+    if op in ("selective_pool", "selective_fuse"):
+        return (_fake_cuda(1, 8, 4, 4), _fake_cuda(1, 8, 2, 2))
+    return (_fake_cuda(1, 8, 4, 4), _fake_cuda(1, 8, 4, 4))
+
+
+@pytest.mark.parametrize("op, first", [("efficient_attention", "torch"), ("weighted_mse", "torch"),
+                                       ("hcl_loss", "triton"), ("kd_kl_div", "triton"),
+                                       ("selective_pool", "triton"), ("selective_fuse", "triton")])
+def test_auto_on_cuda_follows_the_evidence_table(monkeypatch, op, first):
+    from transkd_fast import backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    args = _op_args(op)
+    assert backend.auto_order(op, "cuda")[0] == first
+    assert backend.AUTO_CUDA[op][1]  # every order states its evidence
+    if first == "triton" and not backend.triton_available():
+        pytest.skip("triton not installed")
+    assert resolve(op, *args, backend="auto") == first
+
+
+def test_triton_refused_below_sm80_in_words(monkeypatch):
+    from transkd_fast import backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    args = _op_args("hcl_loss")
+    with pytest.raises(BackendError, match=r"compute capability 7\.5 is below 8\.0.*sm_80 and sm_90"):
+        resolve("hcl_loss", *args, backend="triton")
+    # auto steps past the refused backend to the next one of its order
+    assert resolve("hcl_loss", *args, backend="auto") == "torch"
+    assert backend.explain("hcl_loss", *args)["triton"].startswith("compute capability 7.5")
+
+
+def test_debug_log_says_once_which_backend_ran_and_why(caplog):
+    import logging
+
+    from transkd_fast import backend
+
+    backend._logged.clear()
+    q, k, v = _qkv(torch.float64)
+    with caplog.at_level(logging.DEBUG, logger="transkd_fast.backend"):
+        efficient_attention(q, k, v)
+        efficient_attention(q, k, v)
+    lines = [r.getMessage() for r in caplog.records if r.name == "transkd_fast.backend"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("efficient_attention on cpu float64: backend torch")
+    assert "xformers:" in lines[0] and "triton:" in lines[0]
+
+
+def test_transkd_debug_env_turns_the_log_on():
+    code = ("import torch; from transkd_fast.ops.weighted_mse import weighted_mse; "
+            "x = torch.randn(3, 4); weighted_mse([x], [x], [1.0]); weighted_mse([x], [x], [1.0])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRANSKD_DEBUG"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("[transkd_fast] weighted_mse")]
+    assert len(lines) == 1 and "backend torch" in lines[0], out.stderr

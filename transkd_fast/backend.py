@@ -6,7 +6,11 @@ Backends: ``"auto"`` | ``"triton"`` | ``"xformers"`` | ``"torch"`` | ``"referenc
 - ``torch``: fast PyTorch (SDPA, fused ATen ops); runs on any device.
 - ``triton``: our Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 - ``xformers``: ``xformers.ops`` kernels; CUDA only, when xformers is installed.
-- ``auto``: per op and device, the first supported backend of ``AUTO_ORDER[device]``.
+- ``auto``: per op and device, the first supported backend of :func:`auto_order` — decided
+  per op by evidence (:data:`AUTO_CUDA`), not Triton-first across the board.
+
+``TRANSKD_DEBUG=1`` (or the ``transkd_fast.backend`` logger at DEBUG level) logs, once per op,
+device type and dtype, which backend ran and why each other one was refused or not chosen.
 
 The global choice comes from :func:`set_backend`, the context manager :func:`use_backend`,
 or the environment variable ``TRANSKD_FAST_BACKEND`` (read once, at import).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -31,11 +36,56 @@ from torch.nn.modules import module as _nn_module
 
 BACKENDS = ("auto", "triton", "xformers", "torch", "reference")
 
-# What "auto" tries, in order, per device type.
+# What "auto" tries, in order, per device type, for an op without an entry in AUTO_CUDA.
 AUTO_ORDER = {
     "cuda": ("triton", "xformers", "torch"),
     "cpu": ("torch",),
 }
+
+# What "auto" tries on CUDA, per op, and the evidence for the order. The traffic figures are
+# ``transkd-fast report --traffic`` at the TransKD-Base training shapes (MODELED bytes; no GPU
+# has timed these kernels yet: ``scripts/gpu_check.sh`` measures every backend side by side,
+# and a measured reversal belongs here).
+AUTO_CUDA: dict[str, tuple[tuple[str, ...], str]] = {
+    "efficient_attention": (
+        ("torch", "triton", "xformers"),
+        "PyTorch's SDPA picks flash/cuDNN/mem-efficient kernels that move the same bytes as ours (all are "
+        "flash-style: q, k, v, O and the LSE once, 17 MB per B0 stage-1 forward vs 822 MB eager); with no "
+        "saving to show and no GPU timing yet, SDPA leads"),
+    "selective_pool": (
+        ("triton", "torch"),
+        "one pass over x and y_low, up(y_low) never formed: 21 MB forward vs 88 MB eager at CSF stage 1; the "
+        "torch backend avoids the upsampled map only for integer ratios and still makes several passes"),
+    "selective_fuse": (
+        ("triton", "torch"),
+        "one pass forward, one backward, no upsampled or stacked maps: 96 MB fwd+bwd vs 361 MB eager at CSF "
+        "stage 1"),
+    "hcl_loss": (
+        ("triton", "torch"),
+        "one read of fs and ft per stage for Σd² and every bin sum, nothing of input size written: 177 MB "
+        "fwd+bwd vs 813 MB eager; the torch backend forms d = fs − ft and pools it per level"),
+    "kd_kl_div": (
+        ("triton", "torch"),
+        "one read of each logit map, d saved in the student's dtype: 26 MB fwd+bwd vs 136 MB eager; the torch "
+        "backend runs separate log_softmax passes"),
+    "weighted_mse": (
+        ("torch", "triton"),
+        "ATen's mse_loss and mse_loss_backward are already one fused pass each (65 MB forward either way): "
+        "a Triton kernel saves nothing"),
+}
+
+# Triton kernels are compiled and checked (transkd_fast.compile_check) for sm_80 and sm_90;
+# bf16 tl.dot needs sm_80. Older GPUs are refused rather than left to fail at the first launch.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+log = logging.getLogger("transkd_fast.backend")
+if os.environ.get("TRANSKD_DEBUG", "0") not in ("", "0"):
+    log.setLevel(logging.DEBUG)
+    if not log.handlers:
+        _h = logging.StreamHandler()
+        _h.setFormatter(logging.Formatter("[transkd_fast] %(message)s"))
+        log.addHandler(_h)
+_logged: set = set()
 
 _state = threading.local()
 _default = os.environ.get("TRANSKD_FAST_BACKEND", "auto")
@@ -197,6 +247,11 @@ def _refusal(backend: str, support: Optional[Support], device: torch.device,
         if device.type == "cpu" and not (triton_interpreting() or _recording_launches):
             return ("triton kernels need CUDA tensors; CPU tensors run only in Triton's "
                     "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    if backend == "triton" and device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        if cc < TRITON_MIN_CAPABILITY:
+            return (f"compute capability {cc[0]}.{cc[1]} is below {TRITON_MIN_CAPABILITY[0]}."
+                    f"{TRITON_MIN_CAPABILITY[1]}: the kernels are built and checked for sm_80 and sm_90 only")
     if backend == "xformers":
         if not xformers_available():
             return "xformers is not installed (pip install 'transkd-fast[xformers]')"
@@ -237,17 +292,45 @@ def resolve(op: str, *tensors: torch.Tensor, backend: Optional[str] = None, **kw
             f"{str(dtype).replace('torch.', '')} tensors of shape {tuple(t0.shape)}: {reason}. "
             f"Backends that would work here: {', '.join(working) or 'none'}."
         )
-    order = AUTO_ORDER.get(device.type, ("torch",))
+    order = auto_order(op, device.type)
     reasons = []
     for b in order:
         reason = why(b)
         if reason is None:
+            if log.isEnabledFor(logging.DEBUG):
+                _log_choice(op, device, dtype, b, order, reasons, why)
             return b
         reasons.append(f"{b}: {reason}")
     raise BackendError(
         f"transkd_fast::{op}: no backend of auto's order {order} runs on {device.type} "
         f"{str(dtype).replace('torch.', '')} tensors ({'; '.join(reasons)})"
     )
+
+
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    """The backends ``auto`` tries for ``op`` on ``device_type``, in order."""
+    if device_type == "cuda" and op in AUTO_CUDA:
+        return AUTO_CUDA[op][0]
+    return AUTO_ORDER.get(device_type, ("torch",))
+
+
+def explain(op: str, *tensors: torch.Tensor, **kwargs) -> dict[str, Optional[str]]:
+    """Every concrete backend of ``op`` on these tensors: ``None`` where it would run, else why not."""
+    table = _OPS[op]
+    t0 = tensors[0]
+    return {b: _refusal(b, table.backends.get(b), t0.device, t0.dtype, tensors, kwargs) for b in BACKENDS[1:]}
+
+
+def _log_choice(op, device, dtype, chosen, order, refused, why) -> None:
+    key = (op, device.type, dtype, chosen)
+    if key in _logged:
+        return
+    _logged.add(key)
+    rest = [f"{b}: not tried, after {chosen} in auto's order" for b in order[order.index(chosen) + 1:]]
+    others = [f"{b}: {r}" for b in BACKENDS[1:] if b not in order and (r := why(b)) is not None]
+    evidence = AUTO_CUDA[op][1] if device.type == "cuda" and op in AUTO_CUDA else "the only fast backend off CUDA"
+    log.debug("%s on %s %s: backend %s (auto order %s; %s)%s", op, device.type, str(dtype).replace("torch.", ""),
+              chosen, "/".join(order), evidence, "".join(f"; {x}" for x in refused + rest + others))
 
 
 def check_tensor(name: str, t: torch.Tensor, *, ndim: Optional[int] = None,
