@@ -26,7 +26,7 @@ from transkd_fast.data.cityscapes import (
     label_ids_to_train_ids,
 )
 from transkd_fast.data.synthetic import SYNTHETIC_CLASSES, Synthetic
-from transkd_fast.data.transforms import SegTransform, VoidMapping
+from transkd_fast.data.transforms import SegTransform, VoidMapping, pad_collate
 from transkd_fast.data.voc import VOC2012, VOC_CLASSES
 
 DATASETS = ("synthetic", "cityscapes", "acdc", "voc")
@@ -69,5 +69,5 @@ __all__ = [
     "ACDC", "ACDC_CONDITIONS", "CITYSCAPES_CLASSES", "CITYSCAPES_CLASS_WEIGHTS", "Cityscapes", "DATASETS",
     "DataError", "DatasetLayoutError", "LABEL_ID_TO_TRAIN_ID", "SYNTHETIC_CLASSES", "SegTransform",
     "SegmentationDataset", "Synthetic", "VOC2012", "VOC_CLASSES", "VOID", "VoidMapping", "build_dataset",
-    "label_ids_to_train_ids",
+    "label_ids_to_train_ids", "pad_collate",
 ]
