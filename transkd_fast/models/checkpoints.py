@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -71,18 +71,45 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
-class LoadResult:
-    """What :func:`load_pretrained` did. ``missing`` uses the model's names; ``unexpected`` and
-    ``ignored`` use the checkpoint's names; ``format`` is ``"nvlabs"`` or ``"hf"``."""
+class LoadReport:
+    """What :func:`load_pretrained` did.
+
+    ``loaded`` and ``missing`` use the model's names, ``unexpected`` and ``ignored`` the
+    checkpoint's; ``format`` is ``"nvlabs"`` or ``"hf"``. ``total`` is the number of the model's
+    tensors (parameters and buffers, ``num_batches_tracked`` left out, as in ``missing``), so
+    ``len(loaded) + len(missing) == total``. ``complete``: nothing missing; ``fraction``: the share
+    of the model's tensors that loaded; :meth:`summary`: one line for logs. A report with missing
+    keys (e.g. a backbone-only file loaded into a SegFormer: the head is missing) is *partial*;
+    the caller decides whether to accept it (``--allow-partial-weights``).
+    """
 
     format: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    total: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return len(self.loaded) / self.total if self.total else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def summary(self) -> str:
+        """One line: how many of the model's tensors loaded, from which naming, and what is
+        missing / unexpected / ignored, grouped by module (e.g. ``missing 15 (decode_head: 15)``)."""
+        parts = [f"loaded {len(self.loaded)}/{self.total} model tensors ({100 * self.fraction:.1f}%) "
+                 f"from a checkpoint in {self.format} naming"]
+        for what, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("ignored", self.ignored)):
+            if keys:
+                parts.append(f"{what} {len(keys)} ({_group(keys)})")
+        return "; ".join(parts)
 
     def __str__(self) -> str:
-        parts = [f"{self.format} checkpoint: loaded {len(self.loaded)} tensors"]
+        parts = [f"{self.format} checkpoint: loaded {len(self.loaded)} of {self.total} tensors"]
         if self.missing:
             parts.append(f"missing {len(self.missing)}: {', '.join(self.missing)}")
         if self.unexpected:
@@ -92,11 +119,41 @@ class LoadResult:
         return "; ".join(parts)
 
 
-def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
+LoadResult = LoadReport  # the name this class had before it reported totals
+
+
+def _group(keys: Sequence[str], limit: int = 4) -> str:
+    """``decode_head: 15, backbone.block4: 2``: counts per module (first component, or the first
+    two under ``backbone``), the largest groups first."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        parts = k.removeprefix("module.").split(".")
+        g = ".".join(parts[:2]) if parts[0] == "backbone" and len(parts) > 2 else parts[0]
+        counts[g] = counts.get(g, 0) + 1
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = ", ".join(f"{g}: {n}" for g, n in items[:limit])
+    return out + (f", {len(items) - limit} more groups" if len(items) > limit else "")
+
+
+def _load_object(path_or_state_dict):
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        obj = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
-    else:
-        obj = path_or_state_dict
+        return torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+    return path_or_state_dict
+
+
+def _recorded_model_name(obj) -> Optional[str]:
+    """The model name a transkd_fast file records (``model.pt``: ``meta.model``; ``last.pt``:
+    ``config.model``), else None."""
+    if isinstance(obj, Mapping):
+        for holder in ("meta", "config"):
+            rec = obj.get(holder)
+            if isinstance(rec, Mapping) and isinstance(rec.get("model"), str):
+                return rec["model"]
+    return None
+
+
+def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
+    obj = _load_object(path_or_state_dict)
     if not isinstance(obj, Mapping):
         raise TypeError(f"a checkpoint must be a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     for wrapper in ("state_dict", "model"):
@@ -190,24 +247,144 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
     return out, origin, "hf" if hf else "nvlabs"
 
 
+def _architecture(tensors: Mapping[str, torch.Tensor]) -> Optional[tuple]:
+    """``(dims, depths, mlp_ratios, head)`` of a checkpoint in our naming (``backbone.`` keys),
+    ``head`` in ``"segformer"`` | ``"fpn"`` | None (backbone only); None when it is no MiT/PVTv2."""
+    try:
+        dims = tuple(int(tensors[f"backbone.patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5))
+        ratios = tuple(int(tensors[f"backbone.block{i}.0.mlp.fc1.weight"].shape[0]) // dims[i - 1]
+                       for i in range(1, 5))
+    except (KeyError, IndexError):
+        return None
+    depths = []
+    for i in range(1, 5):
+        idx = {int(m[1]) for k in tensors if (m := re.match(rf"^backbone\.block{i}\.(\d+)\.", k))}
+        depths.append(max(idx) + 1 if idx else 0)
+    head = ("segformer" if any(k.startswith("decode_head.linear_c") for k in tensors)
+            else "fpn" if any(k.startswith(("neck.", "decode_head.scale_heads.")) for k in tensors) else None)
+    return dims, tuple(depths), ratios, head
+
+
+def _num_outputs(tensors: Mapping[str, torch.Tensor]) -> Optional[int]:
+    for key in ("decode_head.linear_pred.weight", "decode_head.conv_seg.weight"):
+        if key in tensors and tensors[key].dim() >= 1:
+            return int(tensors[key].shape[0])
+    return None
+
+
+def guess_model_names(path_or_state_dict) -> list[str]:
+    """Every zoo name (:func:`transkd_fast.models.build_model`'s: ``segformer_b0``…``b5``,
+    ``pvt_v2_b0``…``b5``) a checkpoint fits; see :func:`guess_model_name`."""
+    from transkd_fast.models.mit import MIT_CONFIGS
+    from transkd_fast.models.pvt_v2 import PVT_V2_CONFIGS
+
+    obj = _load_object(path_or_state_dict)
+    recorded = _recorded_model_name(obj)
+    if recorded is not None:
+        return [recorded]
+    try:
+        tensors, _, _ = convert_state_dict(_read(obj))
+    except (CheckpointError, TypeError):
+        return []
+    arch = _architecture(tensors)
+    if arch is None:
+        return []
+    dims, depths, ratios, head = arch
+    out = []
+    for prefix, configs, family in (("segformer_", MIT_CONFIGS, "segformer"), ("pvt_v2_", PVT_V2_CONFIGS, "fpn")):
+        if head not in (None, family):
+            continue
+        for variant, (c_dims, c_depths, _heads, c_ratios, _srs) in configs.items():
+            if (tuple(c_dims), tuple(c_depths), tuple(c_ratios)) == (dims, depths, ratios):
+                out.append(prefix + variant)
+    return out
+
+
+def guess_model_name(path_or_state_dict) -> Optional[str]:
+    """The zoo model a checkpoint (a path, a state dict, or a file's whole object) belongs to,
+    or None when it is not recognized or ambiguous.
+
+    A transkd_fast ``model.pt`` / ``last.pt`` records its model (``meta.model`` /
+    ``config.model``): that name is returned. Otherwise the name is inferred from the tensors in
+    any naming :func:`load_pretrained` reads: the stage widths (``patch_embed{i}.proj``), depths
+    (block indices) and MLP ratios (``fc1`` rows / width; 4 for MiT, 8 for PVTv2 b0–b4), and
+    the head (SegFormer's ``linear_c*`` or the FPN's ``neck``). A bare backbone file gives the
+    model built on it (``segformer_b1`` for an ``mit_b1.pth``). Bare MiT-B5 and PVTv2-B5
+    backbones have the same shapes: None.
+    """
+    names = guess_model_names(path_or_state_dict)
+    return names[0] if len(names) == 1 else None
+
+
+def model_name(model: nn.Module) -> Optional[str]:
+    """The zoo name of a built model (``segformer_b0``, ``pvt_v2_b2``; ``mit_b0`` / ``pvt_v2_b0``
+    for a bare backbone), or None when it was not built from the zoo."""
+    from transkd_fast.models.mit import MixVisionTransformer
+
+    backbone = model if isinstance(model, MixVisionTransformer) else getattr(model, "backbone", None)
+    variant = getattr(backbone, "variant", "") or ""
+    if not variant:
+        return None
+    if backbone is model:
+        return variant
+    if variant.startswith("mit_") and hasattr(model, "decode_head") and hasattr(model.decode_head, "linear_pred"):
+        return "segformer_" + variant[len("mit_"):]
+    return variant  # Semantic FPN: named after its PVTv2 backbone
+
+
+def _foreign_hint(obj, tensors: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    """A sentence naming the model the checkpoint is for, when that can be told; else ''."""
+    target = model_name(model)
+    names = guess_model_names(obj)
+    outputs = _num_outputs(tensors)
+    model_outputs = _num_outputs({"decode_head." + k: v for k, v in getattr(model, "decode_head", nn.Module())
+                                  .state_dict().items()})
+    what = f"{target} ({model_outputs} outputs)" if target and model_outputs else (target or type(model).__name__)
+    if len(names) == 1:
+        name = names[0]
+        if target is not None and name.removeprefix("segformer_").removeprefix("mit_") == \
+                target.removeprefix("segformer_").removeprefix("mit_"):
+            if outputs is not None and model_outputs is not None and outputs != model_outputs:
+                return (f"the checkpoint is a {name} with {outputs} outputs, the model has {model_outputs}: "
+                        f"build it with num_classes={outputs} (or load a checkpoint for {model_outputs} outputs)")
+            return ""
+        out = f" with {outputs} outputs" if outputs is not None else ""
+        return f"the checkpoint is for {name}{out}, the model is {what}: build {name} to load it"
+    if len(names) > 1:
+        return f"the checkpoint fits {' or '.join(names)}, the model is {what}"
+    return ""
+
+
 def load_pretrained(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
-                    strict: bool = False) -> LoadResult:
-    """Load a checkpoint file (``torch.load(..., weights_only=True)``) or state dict into ``model``.
+                    strict: bool = False) -> LoadReport:
+    """Load a checkpoint file (``torch.load(..., weights_only=True)``) or state dict into ``model``
+    and return a :class:`LoadReport` (what loaded, what is missing / unexpected / ignored, of how
+    many model tensors; ``report.summary()`` is one line for the log).
 
     ``model``: a SegFormer, a Semantic FPN, or a bare backbone. The file may hold the state dict
-    itself or wrap it under ``"state_dict"`` / ``"model"``. A tensor whose shape differs from the
-    model's raises :class:`CheckpointError` naming the key and both shapes (nothing is loaded).
-    With ``strict=True`` any missing or unexpected key raises, naming them; otherwise they are
-    returned in the :class:`LoadResult`.
+    itself or wrap it under ``"state_dict"`` / ``"model"``. Raises :class:`CheckpointError`,
+    loading nothing, when
+
+    - a tensor's shape differs from the model's (the message names the keys and both shapes, and
+      the model the checkpoint is for when :func:`guess_model_name` can tell: another zoo size,
+      another number of outputs);
+    - none of the model's tensors is in the checkpoint (a foreign file);
+    - ``strict=True`` and any key is missing or unexpected (named).
+
+    Otherwise missing keys are reported, not raised: a backbone-only file loads into a SegFormer
+    with ``report.complete`` False and the head's keys in ``report.missing``; callers that need
+    the whole model check ``report.complete``.
     """
     from transkd_fast.models.mit import MixVisionTransformer
 
-    tensors, origin, fmt = convert_state_dict(_read(path_or_state_dict))
+    obj = _load_object(path_or_state_dict)
+    raw = _read(obj)
+    tensors, origin, fmt = convert_state_dict(raw)
     if isinstance(model, MixVisionTransformer):  # a bare backbone: drop our "backbone." prefix
         tensors = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in tensors.items()}
         origin = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in origin.items()}
     target = model.state_dict()
-    result = LoadResult(fmt)
+    result = LoadReport(fmt, total=sum(1 for k in target if not k.endswith("num_batches_tracked")))
     accepted: dict[str, torch.Tensor] = {}
     mismatched = []
     for key, value in tensors.items():
@@ -221,10 +398,20 @@ def load_pretrained(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
             result.ignored.append(origin[key])
         else:
             result.unexpected.append(origin[key])
+    full_names = convert_state_dict(raw)[0]
     if mismatched:
-        raise CheckpointError("shape mismatch: " + "; ".join(mismatched))
+        hint = _foreign_hint(obj, full_names, model)
+        shown = "; ".join(mismatched[:6]) + (f"; and {len(mismatched) - 6} more" if len(mismatched) > 6 else "")
+        raise CheckpointError((f"{hint}\n" if hint else "") + f"shape mismatch ({len(mismatched)} tensors): {shown}")
     result.missing = [k for k in target if k not in accepted and not k.endswith("num_batches_tracked")]
-    result.loaded = sorted(accepted)
+    result.loaded = sorted(k for k in accepted if not k.endswith("num_batches_tracked"))
+    if not result.loaded:
+        hint = _foreign_hint(obj, full_names, model)
+        some = ", ".join(list(raw)[:5]) + (", ..." if len(raw) > 5 else "")
+        raise CheckpointError(
+            f"nothing loaded: 0 of {type(model).__name__}'s {result.total} tensors are in the checkpoint "
+            f"({len(raw)} tensor{'s' * (len(raw) != 1)}, {fmt} naming, e.g. {some}); it is not a checkpoint of "
+            "this model" + (f"\n{hint}" if hint else ""))
     if strict and (result.missing or result.unexpected):
         raise CheckpointError(
             f"strict load of a {fmt} checkpoint into {type(model).__name__} failed: "
