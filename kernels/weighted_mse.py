@@ -7,10 +7,16 @@ the dimensions it can, so a contiguous pair is one flat run of D2 = numel elemen
 
 - ``_wmse_fwd_kernel``: one tile per program; writes (w/numel) · Σ (x − y)² of its tile into
   ``share``. Every stage writes into one packed buffer, so the loss is one ``sum``.
+  w/numel is computed on the host (one fp32 argument).
 - ``_wmse_bwd_kernel``: ∂loss/∂x = g · 2·w/numel · (x − y) into a contiguous gradient, and
   −that for y when ``write_y``. g is read on the device.
 
 Nothing is saved for backward but the inputs: the backward re-reads x and y.
+
+Value-1 sizes: a contiguous pair merges to [1, 1, numel], so R = D1 = 1 (and n_col_tiles,
+D2 or a stride can be 1 too); the JIT turns such ints into constexprs. The kernels only
+use them in arithmetic valid for both (no ``.to`` on an argument), and the flat 1×2048
+tile serves every single-row view (R = 1), whatever its length.
 """
 
 from __future__ import annotations
@@ -31,14 +37,14 @@ ROW_TILE = (16, 128)
 def _tile_offsets(pid, D1, D2, n_col_tiles, sa0, sa1, sa2, sb0, sb1, sb2, R,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = (pid // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col = (pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 columns: a flat stage (D2 = numel) may pass 2^31 elements.
+    c64 = (pid % n_col_tiles).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     i0 = (r // D1).to(tl.int64)
     i1 = (r % D1).to(tl.int64)
-    c64 = col.to(tl.int64)
     off_a = (i0 * sa0 + i1 * sa1)[:, None] + c64[None, :] * sa2
     off_b = (i0 * sb0 + i1 * sb1)[:, None] + c64[None, :] * sb2
     flat = r.to(tl.int64)[:, None] * D2 + c64[None, :]
-    mask = (r < R)[:, None] & (col < D2)[None, :]
+    mask = (r < R)[:, None] & (c64 < D2)[None, :]
     return off_a, off_b, flat, mask
 
 
@@ -47,7 +53,7 @@ def _wmse_fwd_kernel(
     x_ptr, y_ptr, share_ptr,
     R, D1, D2, n_col_tiles,
     sx0, sx1, sx2, sy0, sy1, sy2,
-    weight,
+    w_numel,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -56,8 +62,7 @@ def _wmse_fwd_kernel(
     x = tl.load(x_ptr + off_x, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + off_y, mask=mask, other=0.0).to(ACC)
     d = x - y
-    numel = (R.to(tl.int64) * D2).to(ACC)
-    tl.store(share_ptr + pid, tl.sum(tl.sum(d * d, axis=1), axis=0) * (weight / numel))
+    tl.store(share_ptr + pid, tl.sum(tl.sum(d * d, axis=1), axis=0) * w_numel)
 
 
 @triton.jit
@@ -65,7 +70,7 @@ def _wmse_bwd_kernel(
     x_ptr, y_ptr, gout_ptr, gx_ptr, gy_ptr,
     R, D1, D2, n_col_tiles,
     sx0, sx1, sx2, sy0, sy1, sy2,
-    weight, write_y,
+    w_numel, write_y,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -73,8 +78,7 @@ def _wmse_bwd_kernel(
                                              BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + off_x, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + off_y, mask=mask, other=0.0).to(ACC)
-    numel = (R.to(tl.int64) * D2).to(ACC)
-    scale = tl.load(gout_ptr).to(ACC) * (2.0 * weight / numel)
+    scale = tl.load(gout_ptr).to(ACC) * (2.0 * w_numel)
     grad = scale * (x - y)
     tl.store(gx_ptr + flat, grad.to(gx_ptr.dtype.element_ty), mask=mask)
     if write_y:
@@ -120,8 +124,8 @@ def as_3d(x: torch.Tensor, y: torch.Tensor):
     return x, y, [1] * pad + sizes, [0] * pad + sx, [0] * pad + sy
 
 
-def _tile(D2: int) -> tuple[int, int]:
-    return FLAT_TILE if D2 >= FLAT_TILE[1] else ROW_TILE
+def _tile(R: int, D2: int) -> tuple[int, int]:
+    return FLAT_TILE if R == 1 or D2 >= FLAT_TILE[1] else ROW_TILE
 
 
 def _acc(dtype):
@@ -137,16 +141,16 @@ def _grid(sizes, tile):
 def wmse_num_programs(x: torch.Tensor, y: torch.Tensor) -> int:
     """Length of the ``share`` slice ``wmse_stage_forward`` writes for this pair."""
     _, _, sizes, _, _ = as_3d(x, y)
-    return _grid(sizes, _tile(sizes[2]))[2]
+    return _grid(sizes, _tile(sizes[0] * sizes[1], sizes[2]))[2]
 
 
 def wmse_stage_forward(x: torch.Tensor, y: torch.Tensor, weight: float, share: torch.Tensor) -> None:
     """Write w/numel · Σ (x − y)² per tile into ``share`` (length ``wmse_num_programs``)."""
     x, y, sizes, sx, sy = as_3d(x, y)
-    tile = _tile(sizes[2])
+    tile = _tile(sizes[0] * sizes[1], sizes[2])
     R, n_col, programs = _grid(sizes, tile)
     _wmse_fwd_kernel[(programs,)](
-        x, y, share, R, sizes[1], sizes[2], n_col, *sx, *sy, weight,
+        x, y, share, R, sizes[1], sizes[2], n_col, *sx, *sy, weight / x.numel(),
         BLOCK_R=tile[0], BLOCK_C=tile[1], ACC=_acc(x.dtype), num_warps=NUM_WARPS,
     )
 
@@ -155,32 +159,10 @@ def wmse_stage_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                         gx: torch.Tensor, gy: Optional[torch.Tensor]) -> None:
     """Write ∂loss/∂x into the contiguous ``gx`` and, when given, −that into ``gy``."""
     x, y, sizes, sx, sy = as_3d(x, y)
-    tile = _tile(sizes[2])
+    tile = _tile(sizes[0] * sizes[1], sizes[2])
     R, n_col, programs = _grid(sizes, tile)
     _wmse_bwd_kernel[(programs,)](
         x, y, grad_out, gx, gx if gy is None else gy, R, sizes[1], sizes[2], n_col, *sx, *sy,
-        weight, int(gy is not None),
+        weight / x.numel(), int(gy is not None),
         BLOCK_R=tile[0], BLOCK_C=tile[1], ACC=_acc(x.dtype), num_warps=NUM_WARPS,
     )
-
-
-def compile_specs():
-    """Both kernels × fp16/bf16/fp32 × the two tiles (the only constexprs)."""
-    from transkd_fast.compile_check import CompileSpec
-
-    ints = {k: "i32" for k in ("R", "D1", "D2", "n_col_tiles", "sx0", "sx1", "sx2", "sy0", "sy1", "sy2")}
-    tiled = {"BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "ACC": "constexpr"}
-    specs = []
-    for tname in ("fp16", "bf16", "fp32"):
-        ptr = f"*{tname}"
-        for br, bc in (FLAT_TILE, ROW_TILE):
-            consts = {"BLOCK_R": br, "BLOCK_C": bc, "ACC": tl.float32}
-            specs.append(CompileSpec(
-                _wmse_fwd_kernel, {"x_ptr": ptr, "y_ptr": ptr, "share_ptr": "*fp32", **ints, "weight": "fp32",
-                                   **tiled},
-                consts, num_warps=NUM_WARPS, label=f"fwd {tname} tile={br}x{bc}"))
-            specs.append(CompileSpec(
-                _wmse_bwd_kernel, {"x_ptr": ptr, "y_ptr": ptr, "gout_ptr": "*fp32", "gx_ptr": ptr, "gy_ptr": ptr,
-                                   **ints, "weight": "fp32", "write_y": "i32", **tiled},
-                consts, num_warps=NUM_WARPS, label=f"bwd {tname} tile={br}x{bc}"))
-    return specs

@@ -2,7 +2,8 @@
 
 Shapes: the four patch embeddings of a 64×128 input, student B0 aligned by PEA to the
 teacher B2 widths: N = 16·32, 8·16, 4·8, 2·4 tokens with C = 64, 128, 320, 512, batch 2,
-weights (0.1, 0.1, 0.5, 1.0). Triton runs in its interpreter (conftest).
+weights (0.1, 0.1, 0.5, 1.0). Triton runs in its interpreter (conftest); in CUDA test mode
+(``TRANSKD_TEST_DEVICE=cuda``) the tensors are on the GPU and the compiled kernels run.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel, assert_low_precision_ok
+from helpers import DEVICE, assert_close_rel, assert_low_precision_ok
 
 from transkd_fast.backend import BackendError
 from transkd_fast.ops.weighted_mse import weighted_mse, weighted_mse_reference
@@ -31,8 +32,8 @@ def original_wmse(xs, ys, weights):
 
 
 def _pairs(shapes, dtype=torch.float32, y_grad=False):
-    xs = [torch.randn(s, dtype=dtype).requires_grad_() for s in shapes]
-    ys = [(0.7 * torch.randn(s) + 0.2).to(dtype).requires_grad_(y_grad) for s in shapes]
+    xs = [torch.randn(s, dtype=dtype, device=DEVICE).requires_grad_() for s in shapes]
+    ys = [(0.7 * torch.randn(s, device=DEVICE) + 0.2).to(dtype).requires_grad_(y_grad) for s in shapes]
     return xs, ys
 
 
@@ -64,15 +65,18 @@ def test_transkd_embeddings_fp32(backend):
 def test_any_shapes_and_strided_views(backend):
     # A teacher embedding as the transposed flattened NCHW map (inner stride N), a permuted 4-D
     # pair that cannot merge into 3 dims, a channel slice, odd sizes, a scalar and a 1-element stage.
-    t_map = torch.randn(2, 40, 5, 7)
+    def r(*shape):
+        return torch.randn(shape, device=DEVICE)
+
+    t_map = r(2, 40, 5, 7)
     y0 = t_map.flatten(2).transpose(1, 2)  # [2, 35, 40], strides (1400, 1, 35)
-    x0 = torch.randn(2, 35, 40).requires_grad_()
-    x1 = torch.randn(3, 4, 5, 6).permute(0, 2, 3, 1).detach().requires_grad_()
-    y1 = torch.randn(4, 6, 3, 5).permute(2, 3, 1, 0).detach().requires_grad_()  # needs 4 dims
-    x2 = torch.randn(2, 9, 33)[:, :, ::2].detach().requires_grad_()
-    y2 = torch.randn(2, 9, 17)
-    x3, y3 = torch.randn(()).requires_grad_(), torch.randn(())
-    x4, y4 = torch.randn(1, 1).requires_grad_(), torch.randn(1, 1)
+    x0 = r(2, 35, 40).requires_grad_()
+    x1 = r(3, 4, 5, 6).permute(0, 2, 3, 1).detach().requires_grad_()
+    y1 = r(4, 6, 3, 5).permute(2, 3, 1, 0).detach().requires_grad_()  # needs 4 dims
+    x2 = r(2, 9, 33)[:, :, ::2].detach().requires_grad_()
+    y2 = r(2, 9, 17)
+    x3, y3 = r().requires_grad_(), r()
+    x4, y4 = r(1, 1).requires_grad_(), r(1, 1)
     _check([x0, x1, x2, x3, x4], [y0, y1, y2, y3, y4], (0.3, 1.0, 2.0, 0.5, 0.25), backend)
 
 
@@ -140,14 +144,20 @@ def test_zero_weight_keeps_nan_like_reference():
 def test_kernel_writes_every_output_element():
     from transkd_fast.kernels.weighted_mse import wmse_num_programs, wmse_stage_backward, wmse_stage_forward
 
-    x, y = torch.randn(2, 37, 129), torch.randn(2, 129, 37).transpose(1, 2)
-    n = wmse_num_programs(x, y)
-    share = torch.full((n,), float("nan"))
-    wmse_stage_forward(x, y, 0.5, share)
-    assert torch.isfinite(share).all()
-    gx, gy = torch.full_like(x, float("nan")), torch.full(x.shape, float("nan"))
-    wmse_stage_backward(torch.ones(()), x, y, 0.5, gx, gy)
-    assert torch.isfinite(gx).all() and torch.equal(gy, -gx)
+    for x, y in (
+        (torch.randn(2, 37, 129, device=DEVICE), torch.randn(2, 129, 37, device=DEVICE).transpose(1, 2)),
+        (torch.randn(1, 13, 27, device=DEVICE), torch.randn(1, 13, 27, device=DEVICE)),  # one flat row: R = 1
+        (torch.randn(3, 5000, device=DEVICE)[:, ::2], torch.randn(3, 2500, device=DEVICE)),  # 2 column tiles
+    ):
+        n = wmse_num_programs(x, y)
+        share = torch.full((n,), float("nan"), device=DEVICE)
+        wmse_stage_forward(x, y, 0.5, share)
+        assert torch.isfinite(share).all()
+        assert_close_rel(share.sum(), 0.5 * (x.double() - y.double()).pow(2).mean(), 1e-5, "forward")
+        gx, gy = torch.full_like(x, float("nan")), torch.full(x.shape, float("nan"), device=DEVICE)
+        wmse_stage_backward(torch.ones((), device=DEVICE), x, y, 0.5, gx, gy)
+        assert torch.isfinite(gx).all() and torch.equal(gy, -gx)
+        assert_close_rel(gx, (x.double() - y.double()) / x.numel(), 1e-6, "backward")
 
 
 def test_collapse_merges_only_contiguous_dims():
@@ -167,12 +177,25 @@ def test_opcheck_custom_op():
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_opcheck_torch_backend_odd_sizes():
+    """Every opcheck test (schema, fake tensors, autograd registration, AOT dispatch) of both
+    custom ops on the torch backend, at odd sizes, a strided target and a 1-element stage."""
+    xs = [torch.randn(s, device=DEVICE, requires_grad=True) for s in ((1, 13, 27), (3, 1, 5), (1, 1))]
+    ys = [torch.randn(1, 27, 13, device=DEVICE).transpose(1, 2), torch.randn(3, 1, 5, device=DEVICE),
+          torch.randn(1, 1, device=DEVICE, requires_grad=True)]
+    torch.library.opcheck(torch.ops.transkd_fast.weighted_mse.default, (xs, ys, [0.1, 0.5, 1.0], "torch"))
+    g = torch.randn((), device=DEVICE)
+    torch.library.opcheck(torch.ops.transkd_fast.weighted_mse_backward.default,
+                          (g, [x.detach() for x in xs], [y.detach() for y in ys], [0.1, 0.5, 1.0],
+                           [False, False, True], "torch"))
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input.
 
 
 def test_bad_input_messages():
-    a, b = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    a, b = torch.randn(2, 8, 16, device=DEVICE), torch.randn(2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"stage 1: input and target shapes differ: \(2, 8, 16\) vs \(2, 16, 8\)"):
         weighted_mse([a, a], [b, b.transpose(1, 2)], (0.1, 1.0))
     with pytest.raises(ValueError, match="same length, got 2, 1 and 2"):
@@ -193,7 +216,7 @@ def test_bad_input_messages():
         weighted_mse([], [], ())
 
 
-def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
+def test_triton_refused_on_cpu_without_interpreter(monkeypatch):  # CPU tensors on purpose
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     a = torch.randn(2, 8, 16)
     with pytest.raises(BackendError, match="weighted_mse: backend 'triton' refused.*need CUDA tensors"):
@@ -201,13 +224,30 @@ def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# Compile check (sm_80, sm_90; fp16/bf16/fp32; both tiles): no errors, no spills.
+# Compile check: the recorded launches of the odd sizes (compile_check.odd_calls) bound by
+# Triton's own binder and compiled for sm_80 and sm_90, fp16/bf16/fp32.
 
 
 def test_compile_check_weighted_mse():
     from transkd_fast.compile_check import check_in_subprocess
 
-    rows = check_in_subprocess(("weighted_mse",))
-    assert len(rows) == 2 * 3 * 2 * 2  # kernels × dtypes × tiles × archs
-    bad = [r for r in rows if "error" in r or r["spill_bytes"] != 0]
+    rows = check_in_subprocess(("weighted_mse",), suites=("odd",))
+    assert rows, "no launches recorded"
+    bad = [(r["kernel"], r.get("config"), r.get("specialized"), r["cases"][0], r.get("error", "")[:300],
+            r.get("spill_bytes")) for r in rows if "error" in r or r.get("spill_bytes", 0) > 0]
     assert not bad, bad
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["kernel"] for r in rows} == {"_wmse_fwd_kernel", "_wmse_bwd_kernel"}
+    # The value-1 launches were really compiled: a contiguous pair is one row (R = D1 = 1, the
+    # case every launch used to fail on), a [1, 1] stage has D2 = 1 too, and batch 1 of the
+    # strided pair.
+    for kernel in ("_wmse_fwd_kernel", "_wmse_bwd_kernel"):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert any("R=1" in r["specialized"] and "D1=1" in r["specialized"] for r in mine), kernel
+        assert any("D2=1" in r["specialized"] for r in mine), kernel
+        assert any(any("strided B=1" in c for c in r["cases"]) for r in mine), kernel
+    # Contiguous stages are one flat run: 128-bit loads (fp32 and half types) in both kernels.
+    flat = [r for r in rows if "BLOCK_R=1 BLOCK_C=2048" in r["config"] and "sx2=1" in r["specialized"]
+            and "÷16" in r["specialized"] and any("[2, 4096, 16]" in c for c in r["cases"])]
+    assert flat and all(max(map(int, r["access_bits"]["ld"])) == 128 for r in flat), \
+        [(r["kernel"], r["config"], r["access_bits"]) for r in flat]
