@@ -70,3 +70,26 @@ def test_matches_bruteforce_random():
         assert (math.isnan(expect) and math.isnan(m["iou"][c])) or m["iou"][c] == pytest.approx(expect)
     with pytest.raises(ValueError, match="pixels"):
         cm.update(pred[:1], label)
+
+
+def test_nan_entries_serialise_as_null():
+    import json
+
+    from transkd_fast.engine.metrics import NAN_ENTRIES, json_safe
+
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))  # class 2: absent from labels and predictions
+    m = cm.compute(["a", "b", "c"])
+    assert math.isnan(m["iou"][2])  # NaN stays NaN for arithmetic (see the module docstring)
+    with pytest.raises(ValueError):
+        json.dumps(m, allow_nan=False)
+    safe = json.loads(json.dumps(json_safe(m), allow_nan=False))
+    assert safe["iou"][2] is None and safe["iou"][:2] == pytest.approx(m["iou"][:2])
+    assert safe["miou"] == pytest.approx(m["miou"]) and safe["per_class"]["c"] is None
+    empty = json.loads(json.dumps(json_safe(metrics_from_confusion(torch.zeros(2, 2, dtype=torch.int64))),
+                                  allow_nan=False))
+    assert empty["miou"] is None and empty["pixel_acc"] is None and empty["iou"] == [None, None]
+    assert set(NAN_ENTRIES) == {"miou", "pixel_acc", "iou"}
+    # nested records (as the trainer logs them) and tensors / numpy scalars
+    rec = json_safe({"event": "eval", "terms": {"x": float("inf")}, "v": [torch.tensor(float("nan")), 1]})
+    assert rec == {"event": "eval", "terms": {"x": None}, "v": [None, 1]}

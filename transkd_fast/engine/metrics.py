@@ -11,14 +11,43 @@ class's FP.
   but absent from the labels has IoU 0 and counts.
 - mIoU = mean of the non-NaN IoUs (NaN when there is none).
 - pixel accuracy = Σ TP / number of counted pixels.
+
+NaN. The metrics dict keeps NaN as a float where a value is undefined (so arithmetic and
+``math.isnan`` work): ``"miou"`` (no class present at all), ``"pixel_acc"`` (no pixel counted)
+and entries of ``"iou"`` (a class absent from both labels and predictions) — the keys in
+:data:`NAN_ENTRIES`. ``"per_class"`` already holds None there, ``"pixels"`` is an int. JSON has
+no NaN (``json.dumps`` writes a bare ``NaN`` that strict parsers reject): write
+``json_safe(metrics)``, which turns every NaN / ±inf into None (``null``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
 
 import torch
+
+# Entries of :func:`metrics_from_confusion`'s dict that can be NaN (``"iou"``: its elements).
+NAN_ENTRIES = ("miou", "pixel_acc", "iou")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf; Python, numpy or 0-d tensor) replaced by
+    None, recursively through dicts, lists and tuples (tuples become lists), so that
+    ``json.dumps(json_safe(obj), allow_nan=False)`` succeeds. Other values are returned as they
+    are (numpy / tensor scalars as Python numbers)."""
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if torch.is_tensor(obj) and obj.numel() == 1:
+        obj = obj.item()
+    elif hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "shape", None) == ():
+        obj = obj.item()  # numpy scalar
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 class ConfusionMatrix:
