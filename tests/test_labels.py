@@ -277,3 +277,17 @@ def test_acdc_no_condition_present_says_which_were_looked_for(tmp_path):
     for cond in ("fog", "night", "rain", "snow"):
         assert os.path.join(str(tmp_path), "rgb_anon", cond, "val") in msg
     assert "night (train)" in msg  # what is there instead
+
+
+def test_check_files_lists_every_bad_file(tmp_path):
+    root = _cityscapes(tmp_path)
+    ds = Cityscapes(root, "val")
+    assert ds.check_files() == []
+    bad_label = os.path.join(root, CITY_LABEL)
+    Image.fromarray(np.zeros((H, W, 3), np.uint8) + 7).save(bad_label)
+    bad_image = ds.samples[3][0]
+    _truncate(bad_image)
+    errors = ds.check_files()
+    assert len(errors) == 2
+    assert any(bad_label in e for e in errors) and any(bad_image in e for e in errors)
+    assert len(ds.check_files(max_errors=1)) == 1

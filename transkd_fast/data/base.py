@@ -114,6 +114,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
             label = np.array(Image.fromarray(label).resize((w, h), Image.NEAREST))
         return image, label
 
+    def check_files(self, indices: Optional[Sequence[int]] = None, max_errors: Optional[int] = None) -> list[str]:
+        """Load every sample (or those in ``indices``) through the checks of :meth:`load_pair`
+        and return the :class:`DataError` messages, one per bad sample (empty: every file is
+        good), stopping after ``max_errors``. One decode per file: a way to find every bad file
+        before a long run instead of one at a time in the middle of it."""
+        errors: list[str] = []
+        for i in (range(len(self)) if indices is None else indices):
+            try:
+                self.load(int(i))
+            except DataError as e:
+                errors.append(f"sample {i}: {e}")
+                if max_errors is not None and len(errors) >= max_errors:
+                    break
+        return errors
+
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, key)
         image, label = self.load(int(index))
