@@ -138,6 +138,12 @@ def hooks_registered(*modules: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device type (False for types autocast does not know,
+    such as ``meta``, where ``torch.is_autocast_enabled`` raises)."""
+    return t.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(t.device.type)
+
+
 def _first_tensor(args) -> Optional[torch.Tensor]:
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -241,6 +247,10 @@ def registered_ops() -> dict[str, OpTable]:
 def _refusal(backend: str, support: Optional[Support], device: torch.device,
              dtype: torch.dtype, tensors: Sequence, kwargs: dict) -> Optional[str]:
     """None when ``backend`` can run, else the reason in words."""
+    if device.type == "meta" and _recording_launches:
+        # compile_check records the op calls of a model run on the meta device: shapes,
+        # strides and storage offsets come from the triton backend's fake (meta) kernels.
+        return None if backend == "triton" else "launch recording on meta tensors uses the triton backend"
     if backend == "triton":
         if not triton_available():
             return "triton is not installed"

@@ -192,33 +192,71 @@ def record_op_calls(case: str, sink: list) -> Iterator[list]:
             setattr(mod, attr, val)
 
 
+class _CudnnConvLayouts:
+    """A dispatch mode for the meta run: 4-D convolutions (and their backward) return channels_last
+    when the input or the weight is channels_last, as cuDNN does on CUDA. The meta kernels follow
+    the CPU rule (the input only), which would record contiguous CSF/HCL maps that a GPU never sees."""
+
+    def __new__(cls):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func is torch.ops.aten.convolution.default:
+                    x, w = args[0], args[1]
+                    if x.dim() == 4 and (_cl(x) or _cl(w)):
+                        return out.contiguous(memory_format=torch.channels_last)
+                elif func is torch.ops.aten.convolution_backward.default:
+                    x, w = args[1], args[2]
+                    if x.dim() == 4 and (_cl(x) or _cl(w)):
+                        return tuple(o.contiguous(memory_format=torch.channels_last)
+                                     if o is not None and o.dim() == 4 else o for o in out)
+                return out
+
+        def _cl(t):
+            return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+        return Mode()
+
+
 def step_calls(batches: Sequence[int] = (2, 1), size: tuple[int, int] = (512, 1024),
                infer_size: tuple[int, int] = (1024, 2048)) -> list[OpCall]:
     """Op calls of a TransKD-Base / GL / EA step (B2 → B0) and of B0 inference, recorded from
-    the models themselves (fp32, CPU, ``torch`` backend, real compute)."""
+    the models themselves.
+
+    The models run on the ``meta`` device with the ``triton`` backend: every shape, stride and
+    storage offset is what the CUDA code path computes (the CPU-only oneDNN paths step aside
+    off the CPU), op outputs come from the custom ops' fake kernels, and nothing is computed,
+    so full-size steps cost seconds."""
     import torch
 
     import transkd_fast
+    from transkd_fast import backend
     from transkd_fast.distill import TransKD
     from transkd_fast.models import build_model
 
     calls: list[OpCall] = []
-    torch.manual_seed(0)
-    teacher = build_model("segformer_b2", num_classes=20).eval()
+    meta = torch.device("meta")
+    with torch.device(meta):
+        teacher = build_model("segformer_b2", num_classes=20).eval()
     H, W = size
-    with transkd_fast.use_backend("torch"):
+    with transkd_fast.use_backend("triton"), backend.recording_launches(), _CudnnConvLayouts():
         for variant in ("base", "gl", "ea"):
-            student = build_model("segformer_b0", num_classes=20)
-            kd = TransKD(student, teacher, variant=variant).train()
+            with torch.device(meta):
+                student = build_model("segformer_b0", num_classes=20)
+                kd = TransKD(student, teacher, variant=variant).train()
             for b in batches:
-                images = torch.randn(b, 3, H, W)
-                labels = torch.randint(0, 20, (b, H // 4, W // 4))
+                images = torch.empty(b, 3, H, W, device=meta)
+                labels = torch.empty(b, H // 4, W // 4, dtype=torch.long, device=meta)
                 with record_op_calls(f"TransKD-{variant} step {H}x{W} batch {b}", calls):
                     kd(images, labels)["loss"].backward()
                 kd.zero_grad(set_to_none=True)
-        model = build_model("segformer_b0", num_classes=20).eval()
+        with torch.device(meta):
+            model = build_model("segformer_b0", num_classes=20).eval()
         with torch.no_grad(), record_op_calls(f"B0 inference {infer_size[0]}x{infer_size[1]}", calls):
-            model(torch.randn(1, 3, *infer_size))
+            model(torch.empty(1, 3, *infer_size, device=meta))
     return calls
 
 
@@ -238,7 +276,9 @@ def odd_calls() -> list[OpCall]:
         return x.requires_grad_(grad)
 
     for b in (1, 2):
-        for nq, nkv, h, d in ((19, 1, 1, 32), (13 * 27, 7, 2, 64), (1, 5, 1, 16), (200, 33, 5, 32)):
+        # D = 128 (advertised by the triton backend): one key tile (Nkv ≤ 32) and several
+        for nq, nkv, h, d in ((19, 1, 1, 32), (13 * 27, 7, 2, 64), (1, 5, 1, 16), (200, 33, 5, 32),
+                              (77, 9, 1, 128), (300, 40, 2, 128)):
             call(f"attention odd B={b} Nq={nq} Nkv={nkv} H={h} D={d}", "attention", "efficient_attention",
                  t(b, nq, h, d), t(b, nkv, h, d), t(b, nkv, h, d))
         kv = t(b, 7, 2, 2, 32)  # k and v as strided views of one kv tensor, as in MiT
@@ -251,13 +291,26 @@ def odd_calls() -> list[OpCall]:
                 call(f"selective_fusion odd {lay} B={b} {h}x{w}<-{hl}x{wl}", "selective_fusion", "selective_pool",
                      x, y)
                 call(f"selective_fusion odd {lay} B={b} {h}x{w}<-{hl}x{wl}", "selective_fusion", "selective_fuse",
-                     x, y, t(b, 2, 64, 1, 1))
+                     x, y, t(b, 2, 64))
             for hw in ((13, 27), (1, 1), (1, 7), (3, 5), (4, 4), (5, 9)):
                 call(f"hcl odd {lay} N={b} {hw[0]}x{hw[1]}", "hcl", "hcl_loss",
                      [t(b, 5, *hw, cl=cl)], [t(b, 5, *hw, cl=cl, grad=False)])
+                if hw == (13, 27):
+                    # hcl: 16 channels (aligned vectors along C under channels_last, none along
+                    # W = 27), a column map (W = 1), a map whose channels_last forward splits into
+                    # row groups (combine); the teacher needs grad too (write_ft = 1 at launch).
+                    for c, (hh, ww) in ((16, (13, 27)), (3, (9, 1)), (24, (40, 30))):
+                        call(f"hcl odd {lay} N={b} C={c} {hh}x{ww} ft grad", "hcl", "hcl_loss",
+                             [t(b, c, hh, ww, cl=cl)], [t(b, c, hh, ww, cl=cl)])
                 for mode in ("spatial", "channel"):
                     call(f"kl_div odd {lay} {mode} N={b} {hw[0]}x{hw[1]}", "kl_div", "kd_kl_div",
                          t(b, 19, *hw, cl=cl), t(b, 19, *hw, cl=cl, grad=False), 4.0, mode)
+            # kl_div: C = 64 (÷16 strides: the vector widths of each layout), C = 20 (the logits), one
+            # channel, C = 300 (the spatial class loop, CWD's channel tiles), a map that splits its rows.
+            for c, hw in ((64, (16, 32)), (20, (13, 27)), (1, (5, 9)), (300, (3, 5)), (64, (64, 64))):
+                for mode in ("spatial", "channel"):
+                    call(f"kl_div odd {lay} {mode} N={b} C={c} {hw[0]}x{hw[1]}", "kl_div", "kd_kl_div",
+                         t(b, c, *hw, cl=cl), t(b, c, *hw, cl=cl, grad=False), 4.0, mode)
         for shape in ((b, 13, 27), (b, 1, 1), (b, 1, 33), (b, 4096, 16)):
             call(f"weighted_mse odd {list(shape)}", "weighted_mse", "weighted_mse",
                  [t(*shape)], [t(*shape, grad=False)], [0.5])

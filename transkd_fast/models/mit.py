@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.backend import get_backend, hooks_registered
+from transkd_fast.backend import autocast_enabled, get_backend, hooks_registered
 from transkd_fast.ops import onednn
 from transkd_fast.ops.attention import efficient_attention
 
@@ -268,7 +268,7 @@ class MixFFN(nn.Module):
     def _lean(self, x: torch.Tensor) -> bool:
         return (self.training and torch.is_grad_enabled() and get_backend() != "reference"
                 and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                and not torch.is_autocast_enabled(x.device.type)
+                and not autocast_enabled(x)
                 and x.is_contiguous() and x.dim() == 3)
 
     def forward(self, x: torch.Tensor, H: int, W: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:

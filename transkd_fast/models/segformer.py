@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.backend import hooks_registered
+from transkd_fast.backend import autocast_enabled, hooks_registered
 from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, mit, nchw_to_tokens, tokens_to_nchw
 from transkd_fast.ops import onednn
 
@@ -245,7 +245,9 @@ class SegFormerHead(nn.Module):
                 and bn.track_running_stats and isinstance(self.dropout, (nn.Dropout2d, nn.Identity))
                 and acc.is_contiguous() and acc.dtype == torch.float32
                 and acc.shape[0] * acc.shape[1] > 1  # one value per channel: BatchNorm's own error
-                and not torch.is_autocast_enabled(acc.device.type)
+                and not autocast_enabled(acc)
+                # batch_norm_update_stats has no meta kernel (compile_check runs models on meta)
+                and acc.device.type != "meta"
                 and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
     def _train_tail(self, acc: torch.Tensor, H: int, W: int) -> torch.Tensor:
