@@ -118,3 +118,15 @@ def test_bare_backbone_model_report():
     report = load_pretrained(copy.deepcopy(_b0_template().backbone), src.state_dict())
     assert report.complete and report.total == len(report.loaded) and report.unexpected
     assert "unexpected" in report.summary()
+
+
+def test_deeper_backbone_of_same_widths_is_refused():
+    # MiT-B2's stage widths are B1's: every B1 tensor is in a B2 backbone file with the right shape
+    with torch.device("meta"):
+        b1 = build_model("segformer_b1", num_classes=20)
+    b2_backbone = {k[len("backbone."):]: v for k, v in _meta_state_dict("segformer_b2").items()
+                   if k.startswith("backbone.")}
+    with pytest.raises(CheckpointError, match="segformer_b2") as e:
+        load_pretrained(b1.backbone, b2_backbone)
+    assert "segformer_b1" in str(e.value) or "mit_b1" in str(e.value)
+    assert "unexpected" in str(e.value)

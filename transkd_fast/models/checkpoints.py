@@ -332,6 +332,14 @@ def model_name(model: nn.Module) -> Optional[str]:
     return variant  # Semantic FPN: named after its PVTv2 backbone
 
 
+def _same_architecture(a: str, b: str) -> bool:
+    """``segformer_b1`` and ``mit_b1`` (its backbone) are one architecture; so are equal names."""
+    def strip(n: str) -> str:
+        return n.lower().replace("-", "_").removeprefix("segformer_").removeprefix("mit_")
+
+    return strip(a) == strip(b)
+
+
 def _foreign_hint(obj, tensors: Mapping[str, torch.Tensor], model: nn.Module) -> str:
     """A sentence naming the model the checkpoint is for, when that can be told; else ''."""
     target = model_name(model)
@@ -349,7 +357,9 @@ def _foreign_hint(obj, tensors: Mapping[str, torch.Tensor], model: nn.Module) ->
                         f"build it with num_classes={outputs} (or load a checkpoint for {model_outputs} outputs)")
             return ""
         out = f" with {outputs} outputs" if outputs is not None else ""
-        return f"the checkpoint is for {name}{out}, the model is {what}: build {name} to load it"
+        build = ("mit_" + name[len("segformer_"):] if target and target.startswith("mit_")
+                 and name.startswith("segformer_") else name)  # a bare backbone: its backbone's name
+        return f"the checkpoint is for {name}{out}, the model is {what}: build {build} to load it"
     if len(names) > 1:
         return f"the checkpoint fits {' or '.join(names)}, the model is {what}"
     return ""
@@ -412,6 +422,15 @@ def load_pretrained(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
             f"nothing loaded: 0 of {type(model).__name__}'s {result.total} tensors are in the checkpoint "
             f"({len(raw)} tensor{'s' * (len(raw) != 1)}, {fmt} naming, e.g. {some}); it is not a checkpoint of "
             "this model" + (f"\n{hint}" if hint else ""))
+    target_name = model_name(model)
+    fits = guess_model_names(obj)
+    if target_name and fits and not any(_same_architecture(n, target_name) for n in fits):
+        # Every shape that overlaps agrees, yet the file is another model's (e.g. a deeper MiT):
+        # loading its first blocks into this model would run silently wrong.
+        raise CheckpointError(
+            f"{_foreign_hint(obj, full_names, model)}\n(its tensors that {target_name} also has would load, "
+            f"{len(result.loaded)}/{result.total}, with {len(result.unexpected)} unexpected: "
+            f"{_group(result.unexpected) or 'none'}; nothing was loaded)")
     if strict and (result.missing or result.unexpected):
         raise CheckpointError(
             f"strict load of a {fmt} checkpoint into {type(model).__name__} failed: "
