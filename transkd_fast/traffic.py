@@ -23,6 +23,7 @@ full-size shapes cost nothing.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -257,7 +258,7 @@ def _loss_cases(dtype, batch, h1, w1, rnd) -> list:
             lambda *t: hcl.hcl_loss_reference(list(t[:4]), list(t[4:])),
             lambda *t: ops.hcl_loss(list(t[:4]), list(t[4:]), "triton")))
     try:
-        from transkd_fast.ops import weighted_mse as wm
+        wm = importlib.import_module("transkd_fast.ops.weighted_mse")
     except ImportError:
         wm = None
     if wm is not None:
