@@ -65,7 +65,8 @@ def _add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--throughput", action="store_true", help="with --paper: also time each row")
     p.add_argument("--no-throughput", action="store_true", help="single model: skip the timing")
     p.add_argument("--compile", action="store_true",
-                   help=f"compile every Triton kernel for sm_80/sm_90 and write {COMPILE_REPORT} (exit 1 on spills)")
+                   help=f"compile every recorded Triton launch for sm_80/sm_90 and write {COMPILE_REPORT} "
+                        "(exit 1 on a failure or spill)")
     p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
 
 
@@ -87,7 +88,8 @@ def _run_report(args: argparse.Namespace) -> int:
         bad = [r for r in rows if "error" in r or r.get("spill_bytes", 0) > 0]
         print(f"{len(rows)} builds, {len(bad)} with spills or failures -> {root / COMPILE_REPORT}")
         for r in bad:
-            print(f"FAIL {r['op']} {r['kernel']} {r['label']} {r['arch']}: {r.get('error') or r['spill_bytes']}")
+            print(f"FAIL {r['op']} {r['kernel']} {r.get('config', '')} {r['arch']} [{r['cases'][0]}]: "
+                  f"{(r.get('error') or str(r['spill_bytes']) + ' spill bytes').splitlines()[0]}")
         return 1 if bad else 0
     if args.traffic:
         from transkd_fast import traffic
@@ -123,7 +125,7 @@ def _run_report(args: argparse.Namespace) -> int:
 # Compile report: every Triton kernel built for sm_80 / sm_90 (transkd_fast.compile_check).
 
 COMPILE_REPORT = Path("benchmarks") / "results" / "compile_report.md"
-_HASH_LINE = "Kernel sources (sha256):"
+_HASH_LINE = "Sources (sha256):"
 
 
 def present_kernel_ops() -> tuple[str, ...]:
@@ -135,18 +137,34 @@ def present_kernel_ops() -> tuple[str, ...]:
     return tuple(op for op in KERNEL_OPS if importlib.util.find_spec(f"transkd_fast.kernels.{op}") is not None)
 
 
+# What decides the recorded launches besides the kernels: the launchers (ops), the harness,
+# and the models and KD modules whose op calls the check records.
+_LAUNCH_SOURCES = ("transkd_fast.compile_check", "transkd_fast.kernels._device", "transkd_fast.models.mit",
+                   "transkd_fast.models.segformer", "transkd_fast.distill.csf", "transkd_fast.distill.transkd",
+                   "transkd_fast.distill.losses", "transkd_fast.distill.gl_mixer", "transkd_fast.distill.ea")
+_OP_MODULES = {"attention": "attention", "selective_fusion": "selective_fusion", "hcl": "hcl", "kl_div": "kl_div",
+               "weighted_mse": "weighted_mse"}
+
+
 def kernel_hashes(ops: Sequence[str]) -> dict[str, str]:
-    """sha256 (first 16 hex digits) of each op's kernel source and of the compile harness."""
+    """sha256 (first 16 hex digits) of each op's kernel and launcher sources, and of everything
+    else that decides the recorded launches (:data:`_LAUNCH_SOURCES`)."""
     import hashlib
     import importlib.util
 
-    files = {op: importlib.util.find_spec(f"transkd_fast.kernels.{op}").origin for op in ops}
-    files["compile_check"] = importlib.util.find_spec("transkd_fast.compile_check").origin
-    return {k: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] for k, f in files.items()}
+    def digest(*mods: str) -> str:
+        h = hashlib.sha256()
+        for m in mods:
+            h.update(Path(importlib.util.find_spec(m).origin).read_bytes())
+        return h.hexdigest()[:16]
+
+    out = {op: digest(f"transkd_fast.kernels.{op}", f"transkd_fast.ops.{_OP_MODULES[op]}") for op in ops}
+    out["launch_sources"] = digest(*_LAUNCH_SOURCES)
+    return out
 
 
 def compile_report_markdown(rows: list[dict], ops: Sequence[str]) -> str:
-    """``compile_check.markdown`` plus the kernel-source hashes it was built from."""
+    """``compile_check.markdown`` plus the source hashes it was built from."""
     from transkd_fast.compile_check import markdown
 
     text = markdown(rows).replace(f"python -m transkd_fast.compile_check --markdown {COMPILE_REPORT}",
@@ -163,16 +181,16 @@ def committed_hashes(text: str) -> dict[str, str]:
 
 
 def run_compile_report(path: Path = COMPILE_REPORT, ops: Optional[Sequence[str]] = None) -> list[dict]:
-    """Compile every kernel (sm_80 and sm_90, one process per arch, in parallel) and write the report."""
+    """Compile every recorded launch (both suites; sm_80 and sm_90, one process per arch, in
+    parallel) and write the report."""
     import concurrent.futures
 
-    from transkd_fast.compile_check import ARCHS, check_in_subprocess
+    from transkd_fast.compile_check import ARCHS, SUITES, check_in_subprocess
 
     ops = tuple(ops or present_kernel_ops())
     with concurrent.futures.ThreadPoolExecutor(len(ARCHS)) as pool:
-        parts = list(pool.map(lambda a: check_in_subprocess(ops, archs=(a,), timeout=3000), ARCHS))
-    order = {op: i for i, op in enumerate(ops)}
-    rows = sorted((r for part in parts for r in part), key=lambda r: (order[r["op"]], r.get("label", ""), r["arch"]))
+        parts = list(pool.map(lambda a: check_in_subprocess(ops, archs=(a,), suites=SUITES, timeout=5000), ARCHS))
+    rows = [r for part in parts for r in part]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(compile_report_markdown(rows, ops))
     return rows
