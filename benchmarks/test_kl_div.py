@@ -1,8 +1,9 @@
 """Benchmark of kd_kl_div (forward + backward) at the TransKD shapes, B2 → B0, 512×1024, batch 2.
 
 Logits [2, 20, 128, 256] in both modes (per-pixel KD and CWD), and CWD (``channel``) on
-the four stage feature maps. Reference, torch and (on CUDA) triton run in one session;
-``extra_info`` records shapes, dtype, device, modeled FLOPs and modeled bytes moved:
+the four stage feature maps, each contiguous and channels_last (the models' layout).
+Reference, torch and (on CUDA) triton run in one session; ``extra_info`` records shapes,
+layout, dtype, device, modeled FLOPs and modeled bytes moved:
 
 - reference / torch: the sum over every ATen op they run (forward and backward) of the
   bytes of its tensor inputs and outputs, views excluded (counted with a dispatch mode);
@@ -56,9 +57,13 @@ class _ByteCounter(TorchDispatchMode):
         return out
 
 
-def _inputs(shape, dtype):
-    s = (torch.randn(shape, device=DEVICE) * 3).to(dtype).requires_grad_()
-    t = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+LAYOUTS = ("contiguous", "channels_last")  # the models give channels_last maps
+
+
+def _inputs(shape, dtype, layout="contiguous"):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    s = (torch.randn(shape, device=DEVICE) * 3).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    t = (torch.randn(shape, device=DEVICE) * 3).to(dtype).contiguous(memory_format=fmt)
     return s, t
 
 
@@ -86,12 +91,13 @@ def _modeled_bytes(s, t, mode, backend) -> int:
     return counter.bytes
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_kd_kl_div_fwd_bwd(benchmark, case, backend, dtype):
+def test_kd_kl_div_fwd_bwd(benchmark, case, backend, dtype, layout):
     name, mode, shape = case
-    s, t = _inputs(shape, dtype)
+    s, t = _inputs(shape, dtype, layout)
     try:
         resolve("kd_kl_div", s, t, backend=backend)
     except BackendError as e:
@@ -99,7 +105,7 @@ def test_kd_kl_div_fwd_bwd(benchmark, case, backend, dtype):
     n = s.numel()
     benchmark.extra_info.update({
         "op": "kd_kl_div", "what": "forward+backward", "case": name, "mode": mode, "temperature": TEMPERATURE,
-        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "device": str(DEVICE),
+        "shape": list(shape), "layout": layout, "dtype": str(dtype).replace("torch.", ""), "device": str(DEVICE),
         "backend": backend,
         # log-softmax of both inputs (scale, max, sub, exp, sum, log, sub ≈ 7 per value each), the KL
         # terms (sub, mul, add ≈ 3) and the gradient (exp, sub, mul ≈ 3): ≈ 20 per student value.

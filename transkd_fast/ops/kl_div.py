@@ -15,8 +15,11 @@ Backends:
 - ``reference``: eager PyTorch (log_softmax, exp, sum) in fp32 math, straight from the
   formula; autograd saves its full-size intermediates.
 - ``torch``: one custom op ``transkd_fast::kd_kl_div`` over fused ATen log_softmax.
-- ``triton``: the same custom op over ``transkd_fast.kernels.kl_div`` (one read of each
-  input in forward; strided inputs, no copies).
+- ``triton``: the same custom op over ``transkd_fast.kernels.kl_div``: strided inputs, no
+  copies; the tiles follow the layout (NCHW or channels_last: the contiguous axis is the
+  vectorized one), d and the gradient come back in the student's layout. Forward reads each
+  input once in ``spatial`` mode (C <= 256) and twice in ``channel`` mode (statistics, then
+  d, which needs each row's final log-sum-exp).
 
 Memory: the custom op computes d = p_s − p_t in forward, in the student's dtype and
 layout, and saves only d for backward (as Liger-Kernel does for its losses): the saved
