@@ -47,6 +47,7 @@ ATTENTION_FRAMES: list[tuple[str, str]] = [
     ("transkd_fast/ops/attention.py", "efficient_attention_reference"),
     ("models/segformer/modeling_segformer.py", "eager_attention_forward"),
     ("transformers/integrations/sdpa_attention.py", "sdpa_attention_forward"),
+    ("transkd_fast/models/lvt.py", "csa_aggregate"),  # LVT's CSA: window attention weights @ values
 ]
 
 _FRAME = re.compile(r"^(.*)\((\d+)\): (\S+)$")

@@ -16,6 +16,7 @@ from typing import Callable
 from torch import nn
 
 from transkd_fast.models.checkpoints import LoadResult, load_pretrained, to_hf_state_dict
+from transkd_fast.models.lvt import lvt as _lvt
 from transkd_fast.models.mit import (
     MIT_CONFIGS,
     MixVisionTransformer,
@@ -46,6 +47,7 @@ for _k in MIT_CONFIGS:
     MODELS[f"segformer_{_k}"] = (lambda k: lambda num_classes=19, **kw: _segformer(k, num_classes, **kw))(_k)
 for _k in PVT_V2_CONFIGS:
     MODELS[f"pvt_v2_{_k}"] = (lambda k: lambda num_classes=19, **kw: semantic_fpn(k, num_classes, **kw))(_k)
+MODELS["lvt"] = lambda num_classes=19, **kw: _lvt(num_classes, **kw)  # the original TransKD's LVT student
 
 
 def build_model(name: str, num_classes: int = 19, **kwargs) -> nn.Module:
