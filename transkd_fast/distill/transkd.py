@@ -246,3 +246,18 @@ class TransKD(Distiller):
         if self.logit_kind is not None:
             terms["logit"] = self.logit_weight * logit_loss(s_logits, t_logits, self.temperature)
         return terms
+
+    def load_original(self, state_dict_or_path, strict: bool = False, embed_stage: Optional[int] = None):
+        """Load a checkpoint of the original TransKD code's distiller (``build_kd_trans``: ``student.*``,
+        ``skfs.*`` / ``csfs.*``, ``embed{i}_linearproject``, GL's ``attn4`` / ``conv1`` / ``conv2`` /
+        ``atten_weight`` / ``conv_weight``, EA's ``patch_embed*`` / ``fuse_weights``) into this
+        distiller's student and KD modules; key tables in :mod:`transkd_fast.distill.original`.
+
+        Returns a :class:`~transkd_fast.models.checkpoints.LoadReport` (loaded / missing / unexpected
+        of the student's and KD modules' tensors; the teacher is not in those files). Raises
+        :class:`~transkd_fast.models.checkpoints.CheckpointError`, loading nothing, on a shape
+        mismatch, when nothing loaded, or with ``strict`` when anything is missing or unexpected.
+        ``embed_stage``: the stage (1…4) of a single-stage embedding run (``--embed k``)."""
+        from transkd_fast.distill.original import load_original_distiller
+
+        return load_original_distiller(self, state_dict_or_path, strict=strict, embed_stage=embed_stage)

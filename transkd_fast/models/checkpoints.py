@@ -166,6 +166,26 @@ def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def student_part(tensors: Mapping[str, torch.Tensor], model: Optional[nn.Module] = None
+                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The student's tensors of a whole-distiller checkpoint (the original TransKD's
+    ``build_kd_trans`` files, or a state dict of our distillers): ``student.*`` keys with the prefix
+    dropped, and the other keys (KD modules, teacher), which belong to no module of a plain model.
+    A checkpoint without ``student.`` keys, or a ``model`` that itself has them (a distiller), is
+    returned as it is, with no other keys. DataParallel's ``module.`` is dropped first when every
+    key has it."""
+    keys = list(tensors)
+    wrapped = bool(keys) and all(k.startswith("module.") for k in keys)
+    plain = {(k[len("module."):] if wrapped else k): v for k, v in tensors.items()}
+    if not any(k.startswith("student.") for k in plain):
+        return dict(tensors), []
+    if model is not None and any(k.startswith("student.") for k in model.state_dict()):
+        return dict(tensors), []
+    student = {k[len("student."):]: v for k, v in plain.items() if k.startswith("student.")}
+    others = [k for k in tensors if not (k[len("module."):] if wrapped else k).startswith("student.")]
+    return student, others
+
+
 def _strip_module(key: str, all_wrapped: bool) -> str:
     return key[len("module."):] if all_wrapped else key
 
@@ -283,7 +303,7 @@ def guess_model_names(path_or_state_dict) -> list[str]:
     if recorded is not None:
         return [recorded]
     try:
-        tensors, _, _ = convert_state_dict(_read(obj))
+        tensors, _, _ = convert_state_dict(student_part(_read(obj))[0])
     except (CheckpointError, TypeError):
         return []
     arch = _architecture(tensors)
@@ -389,12 +409,16 @@ def load_pretrained(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
 
     obj = _load_object(path_or_state_dict)
     raw = _read(obj)
+    # A whole-distiller file (the original TransKD's, or ours): its student part loads, the KD
+    # modules' and teacher's keys are reported as ignored.
+    raw, distiller_keys = student_part(raw, model)
     tensors, origin, fmt = convert_state_dict(raw)
     if isinstance(model, MixVisionTransformer):  # a bare backbone: drop our "backbone." prefix
         tensors = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in tensors.items()}
         origin = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in origin.items()}
     target = model.state_dict()
     result = LoadReport(fmt, total=sum(1 for k in target if not k.endswith("num_batches_tracked")))
+    result.ignored.extend(distiller_keys)
     accepted: dict[str, torch.Tensor] = {}
     mismatched = []
     for key, value in tensors.items():
