@@ -25,15 +25,19 @@ Kernels (all take strides, unit stride on D assumed; batch/head offsets in int64
   the query axis is split and each split writes fp32 partial dk/dv that the host sums
   (deterministic, no atomics). SPLIT = 1 writes dk/dv directly in the input dtype.
 
-Short Nkv: each fp16/bf16 autotune list holds a BLOCK_N = 32 config, the only one kept
-when Nkv ≤ 32: one key tile then covers every key, the key loop runs once and K/V of the
-head are loaded once per program. Larger Nkv (512 for every MiT stage at 512×1024)
-loops over 64-key tiles that the query blocks of a head re-read from L2.
+Autotuning (tables below): configs pruned per dtype, head dim and Nkv ≤ 32 (fp16/bf16 keep a
+32-key tile there: one key tile covers every key, K/V of the head are loaded once per
+program; longer Nkv, 512 at every MiT stage for 512×1024, loops over 64-key tiles that the
+query blocks of a head re-read from L2). The key holds power-of-two buckets of B·H·Nq and
+of Nkv, so a new image size tunes once per bucket, not once per size. The dkdv key tile
+(``BLOCK_N``) is not tuned: :func:`dkdv_block_n` fixes it and :func:`default_split` sizes
+the query split for it.
 
-Interpreter (``TRITON_INTERPRET=1``): a single config (autotuning cannot run there), and
-bf16 operands are upcast to fp32 before ``tl.dot`` (its bf16 dot is wrong) and fp32 → bf16
-casts round to nearest even by hand (it truncates); compiled kernels never take those
-branches (``UPCAST`` is a constexpr, false there).
+Interpreter (``TRITON_INTERPRET=1``): the same configs, pruning and keys; it has no GPU timer,
+so a host stub ties every config and the first one pruning keeps runs. bf16 operands are
+upcast to fp32 before ``tl.dot`` (its bf16 dot gives garbage, triton issue #11584) and
+fp32 → bf16 casts round to nearest even by hand (it truncates); compiled kernels never take
+those branches (``UPCAST`` is a constexpr, false there).
 """
 
 from __future__ import annotations
@@ -71,11 +75,11 @@ def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return x.to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "NKV_BUCKET"])
 def _attn_fwd_kernel(
     Q, K, V, OUT, LSE,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
-    H, NQ, NKV, qk_scale,
+    H, NQ, NKV, qk_scale, ROWS_BUCKET, NKV_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -118,11 +122,11 @@ def _attn_fwd_kernel(
     tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "NKV_BUCKET"])
 def _attn_bwd_dq_kernel(
     Q, K, V, OUT, DO, DQ, LSE, DELTA,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, sdob, sdon, sdoh, sdqb, sdqn, sdqh,
-    H, NQ, NKV, scale, qk_scale,
+    H, NQ, NKV, scale, qk_scale, ROWS_BUCKET, NKV_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -165,12 +169,12 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + offs_m[:, None] * sdqn + offs_d[None, :], _to(dq, DQ.dtype.element_ty, UPCAST), mask=m_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "NKV_BUCKET"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
     sdks, sdkb, sdkn, sdkh, sdvs, sdvb, sdvn, sdvh,
-    H, NQ, NKV, Q_PER_SPLIT, scale, qk_scale,
+    H, NQ, NKV, Q_PER_SPLIT, scale, qk_scale, ROWS_BUCKET, NKV_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -219,52 +223,111 @@ def _attn_bwd_dkdv_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Autotune configs. Query-block kernels (fwd, dq): (BLOCK_M, BLOCK_N, warps, stages).
-# Key-block kernel (dkdv): (BLOCK_N, BLOCK_M, warps, stages).
+# Autotune configs, pruned per dtype, head dim and Nkv.
+#
+# Query-block kernels (fwd, dq): (BLOCK_M, BLOCK_N, warps, stages). The key-block kernel
+# (dkdv) gets its BLOCK_N from the host (:func:`dkdv_block_n`: the query split depends on
+# it) and tunes (BLOCK_M, warps, stages) only.
+#
+# fp16/bf16: tensor-core tiles; two tilings for long Nkv and one 32-key tile for Nkv ≤ 32
+# (one key tile covers every key). fp32 runs exact-fp32 (FMA) dots, which need far more
+# registers: one small tiling each. D = 128 holds [BLOCK_M, 128] q / dO / accumulators per
+# program: smaller tiles, so that nothing spills on sm_80/sm_90 (transkd_fast.compile_check
+# builds every launch, D = 128 among them).
 
 _SMALL_NKV = 32
-# fp16/bf16: two tilings for long Nkv, one for Nkv ≤ 32 (a single key tile).
-_Q_CONFIGS = ((128, 64, 4, 3), (64, 64, 4, 3), (128, _SMALL_NKV, 4, 2))
-_KV_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (_SMALL_NKV, 64, 4, 2))
-# fp32 runs exact-fp32 (FMA) dots, which need far more registers than tensor-core tiles:
-# one small tiling each, the largest that builds without spills for D ≤ 64 on sm_80/sm_90.
-_Q_CONFIGS_FP32 = ((32, 32, 4, 2),)
-_KV_CONFIGS_FP32 = ((64, 16, 8, 2),)
-# The interpreter cannot autotune: one small config (cheap per program, still exercises
-# several key blocks and split query loops at test sizes).
-_INTERPRET_Q = (32, 16, 4, 1)
-_INTERPRET_KV = (16, 32, 4, 1)
-# dkdv splits the query axis in chunks that are multiples of this (every BLOCK_M divides it).
-_SPLIT_ALIGN = 32 if _INTERPRET else 128
+_FWD_TILES = {  # (fp32, head dim ≤ 64, Nkv ≤ 32) → configs
+    (False, True, False): ((128, 64, 4, 3), (64, 64, 4, 2)),
+    (False, True, True): ((128, _SMALL_NKV, 4, 2),),
+    (False, False, False): ((64, 64, 4, 2), (128, 64, 8, 2)),
+    (False, False, True): ((64, _SMALL_NKV, 4, 2),),
+    (True, True, False): ((32, 32, 4, 2),),
+    (True, True, True): ((32, 32, 4, 2),),
+    (True, False, False): ((32, 32, 4, 2),),
+    (True, False, True): ((32, 32, 4, 2),),
+}
+_DQ_TILES = {
+    (False, True, False): ((128, 64, 4, 3), (64, 64, 4, 3)),
+    (False, True, True): ((128, _SMALL_NKV, 4, 2),),
+    (False, False, False): ((64, 32, 4, 2), (64, 64, 8, 2)),
+    (False, False, True): ((64, _SMALL_NKV, 4, 2),),
+    (True, True, False): ((32, 32, 4, 2),),
+    (True, True, True): ((32, 32, 4, 2),),
+    (True, False, False): ((32, 32, 8, 2),),
+    (True, False, True): ((32, 32, 8, 2),),
+}
+_DKDV_TILES = {  # (fp32, head dim ≤ 64, Nkv ≤ 32) → (BLOCK_N, ((BLOCK_M, warps, stages), ...))
+    (False, True, False): (64, ((32, 4, 3), (64, 4, 3))),
+    (False, True, True): (_SMALL_NKV, ((64, 4, 2),)),
+    (False, False, False): (64, ((32, 4, 2), (64, 8, 2))),
+    (False, False, True): (_SMALL_NKV, ((32, 4, 2),)),
+    (True, True, False): (64, ((16, 8, 2),)),
+    (True, True, True): (64, ((16, 8, 2),)),
+    (True, False, False): (32, ((16, 8, 2),)),
+    (True, False, True): (32, ((16, 8, 2),)),
+}
 
 
-def _configs(half, fp32, interp, first="BLOCK_M", second="BLOCK_N"):
-    rows = [interp] if _INTERPRET else list(half) + list(fp32)
-    return [triton.Config({first: a, second: b}, num_warps=w, num_stages=st) for a, b, w, st in rows]
+def _tile_key(dtype: torch.dtype, head_dim: int, nkv: int) -> tuple[bool, bool, bool]:
+    return dtype == torch.float32, head_dim <= 64, nkv <= _SMALL_NKV
 
 
-def _is_fp32_config(c) -> bool:
-    key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    return key in {(m, n, w, s) for m, n, w, s in _Q_CONFIGS_FP32} | {(m, n, w, s) for n, m, w, s in _KV_CONFIGS_FP32}
+def dkdv_block_n(dtype: torch.dtype, head_dim: int, nkv: int) -> int:
+    """The dk/dv kernel's key tile: fixed per (dtype, head dim, Nkv ≤ 32), not tuned, so that
+    :func:`default_split` sizes the query split for the tile that really runs."""
+    return _DKDV_TILES[_tile_key(dtype, head_dim, nkv)][0]
 
 
-def _prune(configs, named_args, **kwargs):
-    """fp32: its own tiling. fp16/bf16: Nkv ≤ 32 takes the one-key-tile config, else the others."""
-    fp32 = named_args["Q"].dtype == torch.float32
-    group = [c for c in configs if _is_fp32_config(c) == fp32]
-    if fp32:
-        return group
-    small = named_args["NKV"] <= _SMALL_NKV
-    return [c for c in group if (c.kwargs["BLOCK_N"] == _SMALL_NKV) == small] or group
+def _q_rows(table):
+    return {(m, n, w, s) for rows in table.values() for m, n, w, s in rows}
 
 
-_KEY = ["NQ", "NKV", "HEAD_DIM"]  # the dtypes of tensor arguments join the key by themselves
-_PRUNE = {"early_config_prune": _prune}
-_Q_TUNE = _configs(_Q_CONFIGS, _Q_CONFIGS_FP32, _INTERPRET_Q)
-_KV_TUNE = _configs(_KV_CONFIGS, _KV_CONFIGS_FP32, _INTERPRET_KV, "BLOCK_N", "BLOCK_M")
-_fwd_tuned = triton.autotune(_Q_TUNE, key=_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
-_dq_tuned = triton.autotune(_Q_TUNE, key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
-_dkdv_tuned = triton.autotune(_KV_TUNE, key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
+def _q_configs(table):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in sorted(_q_rows(table))]
+
+
+def _kv_configs():
+    rows = sorted({r for _, rows in _DKDV_TILES.values() for r in rows})
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in rows]
+
+
+def _prune_by(table, kv: bool):
+    def prune(configs, named_args, **kwargs):
+        """Keep the configs of this launch's (dtype, head dim, Nkv ≤ 32) row of the table."""
+        key = _tile_key(named_args["Q"].dtype, kwargs["HEAD_DIM"], named_args["NKV"])
+        if kv:
+            keep = set(table[key][1])
+            return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in keep]
+        keep = set(table[key])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    return prune
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket of a size: the autotune key, so that a new image size (a new Nq
+    and Nkv) reuses the config tuned for its bucket instead of benchmarking again."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _host_bench(kernel_call, quantiles):
+    # The interpreter has no GPU timer ("0 active drivers"): every config ties, so the first
+    # config the pruning keeps wins, without running it.
+    return [1.0, 1.0, 1.0]
+
+
+# Autotune key: buckets of the query rows of the grid (B·H·Nq, which sizes the grid) and of
+# Nkv (the key loop), the head dim; the dtypes of the tensor arguments join the key by
+# themselves. dkdv adds its host-chosen BLOCK_N.
+_KEY = ["ROWS_BUCKET", "NKV_BUCKET", "HEAD_DIM"]
+_BENCH = (lambda fn, quantiles: _host_bench(fn, quantiles)) if _INTERPRET else None
+_fwd_tuned = triton.autotune(_q_configs(_FWD_TILES), key=_KEY, do_bench=_BENCH,
+                             prune_configs_by={"early_config_prune": _prune_by(_FWD_TILES, False)})(_attn_fwd_kernel)
+_dq_tuned = triton.autotune(_q_configs(_DQ_TILES), key=_KEY, do_bench=_BENCH,
+                            prune_configs_by={"early_config_prune": _prune_by(_DQ_TILES, False)})(_attn_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(_kv_configs(), key=[*_KEY, "BLOCK_N"], do_bench=_BENCH,
+                              prune_configs_by={"early_config_prune": _prune_by(_DKDV_TILES, True)}
+                              )(_attn_bwd_dkdv_kernel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,21 +341,23 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    # (The interpreter computes every dot in the operands' own precision either way.)
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
+    # Interpreter only: its bf16 tl.dot gives garbage (triton issue #11584).
     return _INTERPRET and dtype == torch.bfloat16
 
 
-def _launch_kwargs(config: Optional[dict]) -> dict:
+def _launch_kwargs(config: Optional[dict], *names: str) -> dict:
     if config is None:
         return {}
-    out = {k: config[k] for k in ("BLOCK_M", "BLOCK_N")}
+    out = {k: config[k] for k in names}
     out["num_warps"] = config.get("num_warps", 4)
-    out["num_stages"] = config.get("num_stages", 1 if _INTERPRET else 2)
+    out["num_stages"] = config.get("num_stages", 2)
     return out
 
 
@@ -312,19 +377,28 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, NQ, NKV, scale * LOG2E,
-        HEAD_DIM=D, UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), **_launch_kwargs(config),
+        H, NQ, NKV, scale * LOG2E, _bucket(B * H * NQ), _bucket(NKV),
+        HEAD_DIM=D, UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype),
+        **_launch_kwargs(config, "BLOCK_M", "BLOCK_N"),
     )
     return o, lse
 
 
+# dkdv splits the query axis in chunks that are multiples of this: every dkdv BLOCK_M of the
+# tables divides it, so no split ends in a partial query tile.
+_SPLIT_ALIGN = 128
+
+
 def _num_sms(device: torch.device) -> int:
-    return sm_count(device, 4)  # interpreter: small, so tests still take the split path
+    # On CPU tensors (the interpreter) a small count, so that tests at small sizes still
+    # take the split path; the compile check sets the modeled GPU's count.
+    return sm_count(device, 4)
 
 
-def default_split(B: int, H: int, NQ: int, NKV: int, device: torch.device) -> int:
-    """Query splits for dk/dv: about two waves of programs, each split ≥ 2 alignment chunks."""
-    kv_blocks = triton.cdiv(NKV, 64 if NKV > _SMALL_NKV else _SMALL_NKV)
+def default_split(B: int, H: int, NQ: int, NKV: int, device: torch.device, block_n: int) -> int:
+    """Query splits for dk/dv with key tiles of ``block_n`` (:func:`dkdv_block_n`, the tile the
+    launch uses): about two waves of programs, each split ≥ 2 alignment chunks."""
+    kv_blocks = triton.cdiv(NKV, block_n)
     want = triton.cdiv(2 * _num_sms(device), kv_blocks * B * H)
     most = max(1, NQ // (2 * _SPLIT_ALIGN))
     return max(1, min(want, most))
@@ -344,10 +418,12 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
     dev = q.device
-    split = default_split(B, H, NQ, NKV, dev) if split is None else split
+    block_n = dkdv_block_n(q.dtype, D, NKV) if kv_config is None else kv_config["BLOCK_N"]
+    split = default_split(B, H, NQ, NKV, dev, block_n) if split is None else split
     align = _SPLIT_ALIGN if kv_config is None else kv_config["BLOCK_M"]
     q_per_split = triton.cdiv(triton.cdiv(NQ, split), align) * align
     split = triton.cdiv(NQ, q_per_split)
+    buckets = (_bucket(B * H * NQ), _bucket(NKV))
 
     dq = torch.empty((B, NQ, H, D), device=dev, dtype=q.dtype)
     delta = torch.empty((B, H, NQ), device=dev, dtype=torch.float32)
@@ -358,7 +434,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        H, NQ, NKV, scale, scale * LOG2E, **common, **_launch_kwargs(config),
+        H, NQ, NKV, scale, scale * LOG2E, *buckets, **common, **_launch_kwargs(config, "BLOCK_M", "BLOCK_N"),
     )
 
     if split == 1:
@@ -369,63 +445,17 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dk = torch.empty((split, B, NKV, H, D), device=dev, dtype=torch.float32)
         dv = torch.empty_like(dk)
         split_strides = (*dk.stride()[:4], *dv.stride()[:4])
-    kern = _dkdv_tuned if kv_config is None else _attn_bwd_dkdv_kernel
-    kern[lambda meta: (triton.cdiv(NKV, meta["BLOCK_N"]), split, B * H)](
+    if kv_config is None:
+        kern, kv_kwargs = _dkdv_tuned, {"BLOCK_N": block_n}
+    else:
+        kern, kv_kwargs = _attn_bwd_dkdv_kernel, _launch_kwargs(kv_config, "BLOCK_M", "BLOCK_N")
+    kern[(triton.cdiv(NKV, block_n), split, B * H)](
         q, k, v, do, dk, dv, lse, delta,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         *split_strides,
-        H, NQ, NKV, q_per_split, scale, scale * LOG2E, **common, **_launch_kwargs(kv_config),
+        H, NQ, NKV, q_per_split, scale, scale * LOG2E, *buckets, **common, **kv_kwargs,
     )
     if split == 1:
         return dq, dk, dv
     return dq, dk.sum(0).to(q.dtype), dv.sum(0).to(q.dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (transkd_fast.compile_check)
-
-
-def compile_specs():
-    """fwd, dq and dkdv × fp16/bf16/fp32 × D ∈ {32, 64} × every config of that dtype.
-
-    dkdv is built with fp32 dk/dv outputs, the split path every MiT shape takes (SPLIT = 1
-    differs only in the store's dtype). Pointers and strides carry the divisibility-by-16
-    hint a launch on views of Linear outputs gets, so the build matches what runs; sizes
-    (Nq, Nkv, splits) carry none.
-    """
-    from transkd_fast.compile_check import CompileSpec
-
-    kinds = (
-        ("fwd", _attn_fwd_kernel, False, ("Q", "K", "V", "OUT", "LSE")),
-        ("dq", _attn_bwd_dq_kernel, False, ("Q", "K", "V", "OUT", "DO", "DQ", "LSE", "DELTA")),
-        ("dkdv", _attn_bwd_dkdv_kernel, True, ("Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA")),
-    )
-    fp32_out = {"LSE", "DELTA", "DK", "DV"}
-    constexprs = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "UPCAST", "PRECISION"}
-    specs = []
-    for kind, kernel, key_block, pointers in kinds:
-        names = kernel.arg_names
-        strides = [n for n in names if n.startswith("s") and n != "scale"]
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, *strides)}
-        for dtype in ("fp16", "bf16", "fp32"):
-            if key_block:
-                rows = [(m, n, w, st) for n, m, w, st in (_KV_CONFIGS_FP32 if dtype == "fp32" else _KV_CONFIGS)]
-            else:
-                rows = _Q_CONFIGS_FP32 if dtype == "fp32" else _Q_CONFIGS
-            for D in (32, 64):
-                for bm, bn, w, st in rows:
-                    sig = {}
-                    for n in names:
-                        if n in pointers:
-                            sig[n] = "*fp32" if n in fp32_out else f"*{dtype}"
-                        elif n in ("scale", "qk_scale"):
-                            sig[n] = "fp32"
-                        else:
-                            sig[n] = "constexpr" if n in constexprs else "i32"
-                    const = {"HEAD_DIM": D, "BLOCK_M": bm, "BLOCK_N": bn, "UPCAST": False, "PRECISION": "ieee"}
-                    specs.append(CompileSpec(
-                        kernel=kernel, signature=sig, constexprs=const, num_warps=w, num_stages=st,
-                        label=f"{kind} {dtype} D={D} BLOCK_M={bm} BLOCK_N={bn}", attrs=attrs,
-                    ))
-    return specs
