@@ -12,9 +12,14 @@ Backends:
 - ``reference``: eager PyTorch in fp32 (fp64 for fp64 inputs) that materializes S and P,
   as the original does. Plain ATen ops, so fvcore and autograd see every matmul.
 - ``torch``: one custom op ``transkd_fast::efficient_attention`` over PyTorch's fused SDPA
-  kernels; it saves only the output and the row log-sum-exp for backward. On CPU, whose
-  SDPA backward runs one thread per (batch, head), the backward cuts the query axis into
-  chunks when there are fewer pairs than threads (MiT stage 1 has one head).
+  kernels; it saves only the output and the row log-sum-exp for backward. On CPU: SDPA's
+  flash kernel for CPU; its backward runs one thread per (batch, head), so the backward cuts
+  the query axis into chunks when there are fewer pairs than threads (MiT stage 1 has one
+  head), and rows the kernel takes for fully masked (all-NaN scores with few keys) are set
+  to NaN as in the reference (:func:`_cpu_nan_rows`). On CUDA: the kernel SDPA itself picks
+  (``torch._fused_sdp_choice``: flash, cuDNN or mem-efficient, as ``torch.backends.cuda``
+  allows), forward and backward, its LSE sliced to ``[B, H, Nq]``; where SDPA would fall back
+  to its math path (fp64), a materialized math path with the LSE.
 - ``triton``: the same custom op over our flash-style Triton kernels
   (``transkd_fast.kernels.attention``): online softmax forward saving O and the LSE, a
   Δ = rowsum(dO ∘ O) pass, dK/dV per key block (query axis split), dQ per query block.
@@ -87,13 +92,88 @@ def _torch_forward(q, k, v, scale):
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, False, attn_mask=None, scale=scale)
-    else:
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qt, kt, vt, None, True, 0.0, False, scale=scale)
-    # Both kernels allocate [B, Nq, H, D] and return a transposed view: no copy here.
-    # The CPU kernel's LSE is a [B, H, Nq] view of a [B, Nq, H] buffer: made contiguous
-    # (small) so that every backend returns the layout register_fake declares.
-    return out.transpose(1, 2).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+        # Both kernels allocate [B, Nq, H, D] and return a transposed view: no copy here.
+        # The CPU kernel's LSE is a [B, H, Nq] view of a [B, Nq, H] buffer: made contiguous
+        # (small) so that every backend returns the layout register_fake declares.
+        out, lse = out.transpose(1, 2).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+        return _cpu_nan_rows(q, k, out, lse, scale)
+    choice = _sdpa_choice(qt, kt, vt, scale)
+    if choice == _FLASH:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=scale)[:2]
+    elif choice == _EFFICIENT:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qt, kt, vt, None, True, 0.0, False, scale=scale)[:2]
+    elif choice == _CUDNN:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qt, kt, vt, None, True, 0.0, False, False, scale=scale)[:2]
+    else:  # SDPA would run its math path (fp64, unsupported shapes): ours, with the LSE
+        return _math_forward(q, k, v, scale)
+    # flash: [B, H, Nq]; mem-efficient: [B, H, ceil32(Nq)] (padded); cuDNN: [B, H, Nq, 1].
+    # Sliced to the [B, H, Nq] that register_fake declares, so fake and real agree at any Nq.
+    B, Nq, H, _ = q.shape
+    lse = lse.reshape(B, H, -1)[:, :, :Nq].to(_lse_dtype(q.dtype)).contiguous()
+    return out.transpose(1, 2).contiguous(), lse
+
+
+# torch.nn.attention.SDPBackend values, as torch._fused_sdp_choice returns them.
+_FLASH, _EFFICIENT, _CUDNN = 1, 2, 3
+
+
+def _sdpa_choice(qt, kt, vt, scale) -> int:
+    """The fused kernel F.scaled_dot_product_attention would run for these [B, H, N, D] inputs
+    (it honours torch.backends.cuda's enable_* switches and each kernel's constraints).
+    Asked as for inputs that need gradients, so that forward and backward choose alike."""
+    args = [t.detach().requires_grad_() for t in (qt, kt, vt)]
+    return int(torch._fused_sdp_choice(*args, None, 0.0, False, scale=scale))
+
+
+def _math_forward(q, k, v, scale):
+    """Materialized attention with its LSE (where SDPA itself would fall back to math)."""
+    dt = torch.promote_types(q.dtype, torch.float32)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(dt), k.to(dt)) * scale
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]), v.to(dt))
+    return out.to(q.dtype).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+
+
+def _math_backward(grad_out, q, k, v, out, lse, scale):
+    dt = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, out, do = (t.to(dt) for t in (q, k, v, out, grad_out))
+    p = torch.exp(torch.einsum("bqhd,bkhd->bhqk", q, k) * scale - lse.to(dt)[..., None])
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+    dp = torch.einsum("bqhd,bkhd->bhqk", do, v)
+    delta = (do * out).sum(-1).transpose(1, 2)  # [B, H, Nq]
+    ds = p * (dp - delta[..., None]) * scale
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, k)
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q)
+    return tuple(t.to(grad_out.dtype) for t in (dq, dk, dv))
+
+
+def _cpu_nan_rows(q, k, out, lse, scale):
+    """NaN where the reference gives NaN, which SDPA's CPU flash kernel misses in one case.
+
+    Its row maximum drops NaN in the scalar tail of the key axis (``std::max(-inf, NaN)`` is
+    -inf; the vector part propagates NaN), so a row whose scores are all NaN (a NaN in that
+    query row, ``scale = nan``) with fewer keys than one SIMD vector (16 fp32 lanes on AVX512)
+    keeps max = -inf, and the kernel writes such a row as fully masked: output 0, LSE 0. The
+    reference gives NaN for every row whose scores are all NaN or -inf (the only rows that can
+    keep max = -inf). So: rows with LSE exactly 0 are candidates (one compare over the small
+    [B, H, Nq] LSE; normally none), and a candidate whose recomputed scores have nothing
+    above -inf becomes NaN in the output and the LSE (its backward then gives NaN too)."""
+    if scale != scale:
+        return out.fill_(float("nan")), lse.fill_(float("nan"))
+    cand = lse == 0
+    if not bool(cand.any()):
+        return out, lse
+    dt = torch.promote_types(q.dtype, torch.float32)
+    bad = torch.zeros_like(cand)
+    for b, h in cand.any(-1).nonzero().tolist():
+        for rows in cand[b, h].nonzero().squeeze(1).split(4096):
+            s = (q[b, rows, h].to(dt) @ k[b, :, h].to(dt).T) * scale
+            bad[b, h, rows] = ~(s > float("-inf")).any(-1)
+    out.masked_fill_(bad.transpose(1, 2).unsqueeze(-1), float("nan"))
+    lse.masked_fill_(bad, float("nan"))
+    return out, lse
 
 
 def _cpu_query_chunks(B: int, H: int, Nq: int) -> int:
@@ -129,10 +209,28 @@ def _torch_backward(grad_out, q, k, v, out, lse, scale):
             dk, dv = (t.reshape(B, c, Nkv, H, D).sum(1) for t in (dk, dv))
         return dq, dk, dv
     qt, kt, vt, ot, got = (t.transpose(1, 2) for t in (q, k, v, out, grad_out))
-    philox = torch.zeros(2, dtype=torch.int64, device=q.device)
-    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        got, qt, kt, vt, None, ot, lse, philox, philox, 0.0, (True, True, True, False),
-        False, scale=scale)
+    B, Nq, H, _ = q.shape
+    Nkv = k.shape[1]
+    choice = _sdpa_choice(qt, kt, vt, scale)
+    # dropout 0: the RNG state arguments are never read
+    seed = torch.zeros(2, dtype=torch.int64, device=q.device)
+    offset = torch.zeros(2, dtype=torch.int64, device=q.device)
+    if choice == _FLASH:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            got, qt, kt, vt, ot, lse, None, None, Nq, Nkv, 0.0, False, seed, offset, scale=scale)
+    elif choice == _EFFICIENT:
+        # its kernels read the LSE padded to a multiple of 32 queries
+        padded = lse.new_zeros(B, H, -(-Nq // 32) * 32)
+        padded[:, :, :Nq] = lse
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            got, qt, kt, vt, None, ot, padded, seed, offset, 0.0, (True, True, True, False),
+            False, scale=scale)
+    elif choice == _CUDNN:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            got, qt, kt, vt, ot, lse.unsqueeze(-1), seed, offset, None, None, None, Nq, Nkv, 0.0, False,
+            scale=scale)
+    else:
+        return _math_backward(grad_out, q, k, v, out, lse, scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
