@@ -7,6 +7,11 @@ recipe) on CUDA, 1 on CPU. Forward (no autograd) and forward + backward.
 
 Every backend runnable on the device runs in the same session as the reference
 (reference, torch; triton and xformers on CUDA only: the interpreter is not a benchmark).
+Beside them, on CUDA, PyTorch's own SDPA kernels each forced with ``sdpa_kernel``
+(``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention`` on the
+same strided views, its own autograd), so that a Triton speed-up is never quoted against a
+slower baseline than the best fused kernel PyTorch has; a kernel that refuses the shape or
+dtype on the GPU at hand skips with its reason.
 ``extra_info`` records shapes, dtype, device, FLOPs, modeled bytes and peak memory:
 
 - ``flops``: multiply-add = 2 FLOPs; forward 4·B·H·Nq·Nkv·D (q kᵀ and P v), backward
@@ -31,6 +36,7 @@ from typing import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from transkd_fast import traffic
 from transkd_fast.backend import BackendError, resolve
@@ -40,7 +46,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE.type == "cuda"
 BATCH = 2 if CUDA else 1
 DTYPES = (torch.bfloat16, torch.float32) if CUDA else (torch.float32,)
-BACKENDS = ("reference", "torch", "triton", "xformers")
+BACKENDS = ("reference", "torch", "triton", "xformers", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                "sdpa-efficient": "EFFICIENT_ATTENTION"}
 STAGES = ((32768, 512, 1), (8192, 512, 2), (2048, 512, 5), (512, 512, 8))
 SHAPES = {f"{net}-s{i + 1}": (BATCH, nq, nkv, h, d)
           for net, d in (("B0", 32), ("B2", 64)) for i, (nq, nkv, h) in enumerate(STAGES)}
@@ -85,6 +93,21 @@ def _modeled_bytes(shape, dtype, mode) -> dict:
     return _BYTES[key]
 
 
+def _attention_call(backend: str) -> Callable:
+    """(q, k, v) → [B, Nq, H, D]: our op with ``backend``, or one SDPA kernel forced."""
+    if backend not in SDPA_KERNELS:
+        return lambda q, k, v: efficient_attention(q, k, v, backend=backend)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = getattr(SDPBackend, SDPA_KERNELS[backend])
+
+    def call(q, k, v):
+        with sdpa_kernel(kernel):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                                                  ).transpose(1, 2)
+    return call
+
+
 def _peak_bytes(fn: Callable[[], None]) -> int:
     if CUDA:
         torch.cuda.synchronize()
@@ -113,14 +136,18 @@ def _peak_bytes(fn: Callable[[], None]) -> int:
 def test_efficient_attention(benchmark, backend, shape, dtype, mode):
     if backend in ("triton", "xformers") and not CUDA:
         pytest.skip(f"{backend} benchmarks need CUDA (the Triton interpreter is not a benchmark)")
+    if backend in SDPA_KERNELS and not CUDA:
+        pytest.skip(f"{backend} is a CUDA kernel of PyTorch's SDPA (the CPU has one fused kernel: backend 'torch')")
     if backend == "reference" and _reference_bytes_needed(shape) > REF_LIMIT:
         pytest.skip("reference would need > 2 GiB of Nq×Nkv intermediates")
     train = mode == "fwd+bwd"
     q, k, v, leaves = _inputs(shape, dtype, requires_grad=train)
-    try:
-        resolve("efficient_attention", q, k, v, backend=backend)
-    except BackendError as e:
-        pytest.skip(str(e))
+    attention = _attention_call(backend)
+    if backend not in SDPA_KERNELS:
+        try:
+            resolve("efficient_attention", q, k, v, backend=backend)
+        except BackendError as e:
+            pytest.skip(str(e))
     B, Nq, Nkv, H, D = shape
     do = torch.randn(B, Nq, H, D, device=DEVICE, dtype=dtype)
     sync = torch.cuda.synchronize if CUDA else (lambda: None)
@@ -129,13 +156,18 @@ def test_efficient_attention(benchmark, backend, shape, dtype, mode):
         if train:
             for t in leaves:
                 t.grad = None
-            efficient_attention(q, k, v, backend=backend).backward(do)
+            attention(q, k, v).backward(do)
         else:
             with torch.no_grad():
-                efficient_attention(q, k, v, backend=backend)
+                attention(q, k, v)
         sync()
 
-    run()  # warm-up (autotuning on CUDA) outside the peak-memory and timed runs
+    try:  # warm-up (autotuning on CUDA) outside the peak-memory and timed runs
+        run()
+    except RuntimeError as e:  # each SDPA kernel has its own dtype / head dim / architecture limits
+        if backend not in SDPA_KERNELS:
+            raise
+        pytest.skip(f"{backend} refuses this case: {str(e).splitlines()[0][:200]}")
     peak = _peak_bytes(run)
     flops = 4 * B * H * Nq * Nkv * D * (3 if train else 1)
     bytes_ = _modeled_bytes(shape, dtype, mode)
