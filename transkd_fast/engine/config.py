@@ -1,9 +1,18 @@
-"""Run configurations (dataclasses). CLI options carry the same names with ``-`` for ``_``."""
+"""Run configurations (dataclasses). CLI options carry the same names with ``-`` for ``_``.
+
+:func:`validate_train_config` / :func:`validate_eval_config` refuse impossible settings up
+front with a :class:`ConfigError` naming the CLI flag (``--batch-size must be ≥ 1, got 0``).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A setting the run cannot use; the message names the CLI flag (or file) and says what to do."""
 
 
 @dataclass
@@ -34,6 +43,8 @@ class DataConfig:
     synthetic_height: int = 64
     synthetic_width: int = 128
     data_seed: int = 0
+    label_resize: bool = False            # resize labels whose size differs from their image's (else refused)
+    acdc_conditions: Optional[str] = None  # acdc only: comma-separated, e.g. "fog,night" (default: all four)
 
 
 @dataclass
@@ -84,6 +95,10 @@ class TrainConfig(DataConfig):
     eval_at_end: bool = True
     stop_at: Optional[int] = None          # stop after this step with a checkpoint, as an interrupt would
     inject_nan: Optional[str] = None       # testing hook: "STEP[:TERM]" makes that term NaN at that step
+    overwrite: bool = False                # start over in a folder that holds a run (the old run is moved aside)
+    extend_steps: bool = False             # on resume, accept a larger --steps than the checkpoint's run
+    threads: Optional[int] = None          # torch.set_num_threads (default: PyTorch's choice)
+    allow_partial_weights: bool = False    # accept weight files that load < 90 % of the model's tensors
 
 
 @dataclass
@@ -99,6 +114,76 @@ class EvalConfig(DataConfig):
     num_vis: int = 4
     progress: bool = True
     num_workers: int = 0
+    threads: Optional[int] = None
+    allow_partial_weights: bool = False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(cfg, name: str, ok, what: str) -> None:
+    v = getattr(cfg, name)
+    if v is None:
+        return
+    try:
+        good = bool(ok(v))
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{_flag(name)} must be {what}, got {v!r}")
+
+
+def _choice(cfg, name: str, choices) -> None:
+    _check(cfg, name, lambda v: v in choices, " | ".join(map(str, choices)))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _validate_data(cfg) -> None:
+    for name in ("synthetic_train_size", "synthetic_val_size", "synthetic_height", "synthetic_width", "height"):
+        _check(cfg, name, lambda v: v >= 1, "≥ 1")
+    _check(cfg, "max_translate", lambda v: v >= 0, "≥ 0")
+    _choice(cfg, "label_scale", (1, 4))
+    _choice(cfg, "void", ("class", "ignore"))
+    _choice(cfg, "class_weights", ("dataset", "uniform"))
+    if getattr(cfg, "acdc_conditions", None) and cfg.dataset.lower() != "acdc":
+        raise ConfigError(f"--acdc-conditions is for --dataset acdc (this run reads {cfg.dataset!r})")
+
+
+def validate_train_config(cfg: "TrainConfig") -> None:
+    """Raise :class:`ConfigError` (naming the flag) for a setting no run can use."""
+    _validate_data(cfg)
+    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "threads", "stop_at"):
+        _check(cfg, name, lambda v: v >= 1, "≥ 1")
+    for name in ("ckpt_every", "eval_every", "num_workers", "num_vis"):
+        _check(cfg, name, lambda v: v >= 0, "≥ 0")
+    _check(cfg, "lr", lambda v: _finite(v) and v > 0, "a positive number")
+    _check(cfg, "eps", lambda v: _finite(v) and v > 0, "a positive number")
+    _check(cfg, "grad_clip", lambda v: _finite(v) and v > 0, "a positive number")
+    _check(cfg, "weight_decay", lambda v: _finite(v) and v >= 0, "≥ 0")
+    _check(cfg, "poly_power", lambda v: _finite(v) and v >= 0, "≥ 0")
+    for name in ("beta1", "beta2"):
+        _check(cfg, name, lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)")
+    for name in ("drop_path_rate", "dropout"):
+        _check(cfg, name, lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)")
+    _choice(cfg, "amp", ("none", "bf16", "fp16"))
+    _choice(cfg, "cpu_allocator", ("tuned", "default"))
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in "
+                          f"{cfg.output_dir}, --overwrite moves it aside and starts over")
+
+
+def validate_eval_config(cfg: "EvalConfig") -> None:
+    _validate_data(cfg)
+    for name in ("batch_size", "threads"):
+        _check(cfg, name, lambda v: v >= 1, "≥ 1")
+    for name in ("num_vis", "num_workers"):
+        _check(cfg, name, lambda v: v >= 0, "≥ 0")
+    _choice(cfg, "resolution", ("quarter", "full", "both"))
+    _choice(cfg, "amp", ("none", "bf16", "fp16"))
 
 
 def config_from_dict(cls, d: dict[str, Any]):
