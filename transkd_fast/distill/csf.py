@@ -41,7 +41,10 @@ class CSFStage(nn.Module):
     undefined in training, so with ``B == 1`` the squeeze MLP is ``fc1`` = 1×1 conv (no bias)
     + ReLU, *without* BN, a separate set of weights from ``fc`` (the original has both and picks
     by batch size, in training and evaluation alike). Only one of ``fc``/``fc1`` gets a gradient
-    in a given step.
+    in a given step. The batch size that decides is the *global* one: ``data_parallel_size``
+    (set by the trainer to the DDP world size; each rank holds an equal share) times the local
+    batch, so 2 ranks × 1 image take the BN branch as 1 rank × 2 images does (its BatchNorm
+    synchronized across ranks).
 
     Initialization as the original: ``conv1`` and ``conv2`` weights ``kaiming_uniform_(a=1)``;
     everything else keeps PyTorch's default init.
@@ -56,6 +59,7 @@ class CSFStage(nn.Module):
         squeeze = max(mid_channels // reduction, squeeze_min)
         self.fuse = fuse
         self.mid_channels = mid_channels
+        self.data_parallel_size = 1  # ranks the batch is split over (the branch follows the global batch)
         self.conv1 = nn.Sequential(
             nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(mid_channels),
@@ -84,7 +88,7 @@ class CSFStage(nn.Module):
         The 1×1 convs act on 1×1 maps: they are applied as matmuls with the same weights (as
         module calls when a forward hook is registered on one of them, so that it fires).
         """
-        B = g.shape[0]
+        B = g.shape[0] * self.data_parallel_size
         if hooks_registered(*self.fc, *self.fc1, *self.fcs):
             z = (self.fc1 if B == 1 else self.fc)(g[:, :, None, None])
             return torch.stack([fc(z).flatten(1) for fc in self.fcs], dim=1).softmax(dim=1)
