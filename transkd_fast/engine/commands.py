@@ -3,12 +3,16 @@
 Options are generated from the config dataclasses, so each option is the Python field name
 with ``-`` for ``_`` (``TrainConfig(steps=...)`` ⇔ ``--steps``); booleans take
 ``--name/--no-name``; ``--distill-kwargs`` takes JSON.
+
+Exit codes (see :mod:`transkd_fast.cli`): 0 done; 2 a user error (one line); 3 a non-finite loss
+stopped the run; 130 SIGINT and 143 SIGTERM stopped it after writing a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -36,6 +40,8 @@ HELP = {
     "synthetic_height": "synthetic: image height",
     "synthetic_width": "synthetic: image width",
     "data_seed": "synthetic: dataset seed",
+    "label_resize": "resize (nearest) labels whose size differs from their image's instead of refusing them",
+    "acdc_conditions": "acdc: comma-separated conditions to read, e.g. fog,night (default: fog,night,rain,snow)",
     "model": "segformer_b0..b5 | pvt_v2_b0..b5",
     "weights": "initial weights (train/distill: the student's) or weights to evaluate "
                "(model.pt, last.pt, NVlabs/TransKD/mmseg/HF checkpoints)",
@@ -72,6 +78,13 @@ HELP = {
     "stop_at": "stop after this step with a checkpoint (as an interrupt; continue with --resume auto)",
     "inject_nan": "testing hook: 'STEP[:TERM]' makes that loss term NaN at that step",
     "resolution": "quarter (paper: labels at 1/4) | full (logits upsampled to full-size labels) | both",
+    "overwrite": "start over in an output folder that holds a run; the old run is moved to "
+                 "<output-dir>/previous-<n>/ (never deleted)",
+    "extend_steps": "on --resume, accept a larger --steps than the checkpoint's run (the polynomial lr schedule "
+                    "follows the new total from the resumed step on)",
+    "threads": "torch threads (torch.set_num_threads); default: PyTorch's choice",
+    "allow_partial_weights": "accept weight files that load < 90%% of the model's tensors (or, for evaluate and "
+                             "a teacher with a logit loss, no decode head)",
 }
 
 DISTILL_ONLY = {"teacher", "teacher_weights", "method", "distill_kwargs"}
@@ -94,7 +107,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), defaults
         default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
         tp = _base_type(f.type)
         opt = "--" + f.name.replace("_", "-")
-        help_ = HELP.get(f.name, f.name) + f" (default: {default})"
+        help_ = HELP.get(f.name, f.name) + f" (default: {default})".replace("%", "%%")
         if tp is bool:
             parser.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif tp is dict:
@@ -123,11 +136,12 @@ def _run_training(kind: str, args: argparse.Namespace) -> int:
     try:
         res = trainer.distill(cfg) if kind == "distill" else trainer.train(cfg)
     except trainer.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"transkd-fast: error: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + int(signum)
     from transkd_fast.engine.distributed import env_world
 
     if env_world()[0] == 0:

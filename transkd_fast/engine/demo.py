@@ -10,14 +10,13 @@
 
 With several ``--seeds`` the two students are trained once per seed (the teacher once, with
 the first seed) and the table gives each seed and the mean ± std of the difference.
-Every run checkpoints; after Ctrl-C, ``--resume`` continues the interrupted run and skips
-the finished ones.
+Every run checkpoints; after Ctrl-C (or SIGTERM), ``--resume`` continues the interrupted run
+and skips the finished ones; ``--overwrite`` starts over (old runs are moved aside).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -48,6 +47,7 @@ class DemoConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
     quick: bool = False
 
 
@@ -73,6 +73,7 @@ HELP = {
     "device": "auto | cpu | cuda",
     "progress": "progress bars",
     "resume": "continue interrupted runs, skip finished ones",
+    "overwrite": "start over where runs exist (each old run is moved to <run>/previous-<n>/)",
     "quick": f"a much smaller setting for CI ({', '.join(f'{k}={v}' for k, v in QUICK.items())})",
 }
 
@@ -122,7 +123,7 @@ def _train_cfg(cfg: DemoConfig, name: str, seed: int, steps: int, **kw) -> Train
         steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, device=cfg.device,
         output_dir=os.path.join(cfg.output_dir, name), progress=cfg.progress,
         eval_every=max(1, steps // 5), ckpt_every=max(1, steps // 5), log_every=max(1, steps // 50),
-        resume="auto" if cfg.resume else None, num_vis=4, **kw)
+        resume="auto" if cfg.resume else None, overwrite=cfg.overwrite and not cfg.resume, num_vis=4, **kw)
 
 
 def _finished(out_dir: str, steps: int) -> bool:
@@ -257,7 +258,7 @@ def run_demo(cfg: DemoConfig) -> dict:
               "flops_counter": flops_how, "timings_s": timings, "wall_s": wall,
               "torch_threads": torch.get_num_threads(), "device": str(device)}
     with open(os.path.join(cfg.output_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+        f.write(trainer.json_dumps(report, indent=2))
     print(f"wrote {cfg.output_dir}/report.json, predictions.png, curves.png; wall time {wall:.0f}s", flush=True)
     return report
 
@@ -266,10 +267,10 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     cfg = demo_config_from_args(args)
     try:
         run_demo(cfg)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"\ninterrupted: every run's last checkpoint is in {cfg.output_dir}/<run>/last.pt; "
               "continue with `transkd-fast demo --resume` (same options)", flush=True)
-        return 130
+        return 128 + int(getattr(e, "signum", 2))
     return 0
 
 

@@ -8,11 +8,26 @@ computes mIoU / per-class IoU / pixel accuracy. All three run on one process or 
 Exactness. A step's batch and augmentation depend only on ``(seed, step)``
 (:class:`~transkd_fast.data.sampler.StepBatchSampler`), the DataLoader has its own generator
 (creating its iterator does not touch the global RNG), and checkpoints hold every RNG, so
-``resume`` continues bit for bit. Under DDP, ``train``'s CE is normalized by the *global*
-Σ weight(label) (all-reduced), BatchNorm statistics are synchronized across ranks, and the
-logged terms are all-reduced: W ranks reproduce the 1-rank run with the same global batch up
-to float summation order. (A distiller's own CE is a per-rank weighted mean: with void pixels
-unevenly split between ranks, its DDP loss differs slightly from one rank's.)
+``resume`` continues bit for bit; a resume that changes a setting exactness depends on (seed,
+batch, lr, steps, model, method, data...) is refused, naming the settings (``extend_steps``
+accepts a larger ``steps``: the polynomial schedule then follows the new total from the
+resumed step on).
+
+Several processes. The CE (``train`` and the distiller's) is normalized by the *global*
+Σ weight(label) (all-reduced), BatchNorm statistics are synchronized across ranks
+(``sync_bn``, the default when world > 1), CSF chooses its batch-1 branch from the global
+batch, and the logged terms are all-reduced. What is *not* shared is randomness inside the
+network: each rank seeds its own generator (``seed · 1000 + rank``), so dropout and drop-path
+masks are drawn per rank, and a W-rank run with them on is a different (equally valid) draw
+from the 1-rank run. With dropout and drop path off, W ranks with the same global batch
+reproduce the 1-rank run up to float summation order (tested with 2 gloo ranks on CPU).
+
+Safety. A run refuses an output folder that holds a run unless it resumes it (``resume``) or
+``overwrite`` moves the old run to ``<output_dir>/previous-<n>/``; stale ``*.tmp`` files of a
+checkpoint write cut short are removed at start; on resume ``metrics.jsonl`` is cut back to
+the checkpoint's step. SIGINT and SIGTERM stop at the next step boundary with a checkpoint
+(the CLI exits 130 / 143). Every JSON output writes NaN/inf as ``null``. The run's first log
+line states the device, process group, dtype, threads and the backend of every op.
 
 A non-finite loss term stops the run *before* the optimizer step with
 :class:`NonFiniteLossError` naming the step and the term; the last checkpoint on disk is the
@@ -21,6 +36,7 @@ last good one (checkpoints are written atomically).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -48,8 +64,9 @@ from transkd_fast.engine.checkpoint import (
     save_checkpoint,
     save_weights,
     set_rng_state,
+    state_fingerprint,
 )
-from transkd_fast.engine.config import EvalConfig, TrainConfig
+from transkd_fast.engine.config import ConfigError, EvalConfig, TrainConfig, validate_eval_config, validate_train_config
 from transkd_fast.engine.distributed import (
     all_reduce_sum,
     barrier,
@@ -67,6 +84,37 @@ VOID = 255
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN/Inf; the message names the step and the term."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run (after a checkpoint unless it came twice); ``signum`` says which."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def json_safe(obj):
+    """``obj`` with every NaN/inf float as ``None`` (JSON ``null``), tuples as lists, numpy/torch scalars
+    as Python numbers: what ``json.dumps(..., allow_nan=False)`` accepts."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if torch.is_tensor(obj) and obj.numel() == 1:
+        return json_safe(obj.item())
+    return obj
+
+
+def json_dumps(obj, **kwargs) -> str:
+    """Strict JSON (NaN/inf → null)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +165,25 @@ def make_transform(cfg, train: bool, num_classes: int, label_scale: Optional[int
                         void_id=num_classes if cfg.void == "class" else None, mean=mean, std=std)
 
 
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def make_dataset(cfg, split: str, train: bool, label_scale: Optional[int] = None, size: Optional[int] = None):
     kwargs = {}
     if cfg.dataset == "synthetic":
         kwargs = dict(num_samples=size or (cfg.synthetic_train_size if train else cfg.synthetic_val_size),
                       height=cfg.synthetic_height, width=cfg.synthetic_width, seed=cfg.data_seed)
+    conditions = getattr(cfg, "acdc_conditions", None)
+    if conditions:
+        kwargs["conditions"] = tuple(c.strip() for c in str(conditions).split(",") if c.strip())
+    if getattr(cfg, "label_resize", False) or _accepts(build_dataset, "label_resize"):
+        if not _accepts(build_dataset, "label_resize"):
+            raise ConfigError("--label-resize: this version of transkd_fast.data has no label resizing")
+        kwargs["label_resize"] = bool(getattr(cfg, "label_resize", False))
     ds = build_dataset(cfg.dataset, split, root=cfg.data_root, **kwargs)
     ds.transform = make_transform(cfg, train, ds.num_classes, label_scale)
     return ds
@@ -150,6 +212,42 @@ def build_network(name: str, num_outputs: int, drop_path_rate: float = 0.1, drop
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def run_header(what: str, device: torch.device, amp: str, world: int = 1) -> tuple[str, dict]:
+    """The run's first log line and its record: device, process group, dtype, threads, and the
+    backend each registered op resolves to for a tensor of the run's device and dtype."""
+    from transkd_fast import get_backend
+    from transkd_fast.backend import registered_ops, resolve
+    from transkd_fast.ops import load_all
+
+    load_all()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+    probe = torch.zeros(1, 4, 1, 32, device=device, dtype=dtype)
+    backends = {}
+    for op in registered_ops():
+        try:
+            backends[op] = resolve(op, probe, probe, probe)
+        except Exception as e:  # noqa: BLE001 - a refusal is what the line should show
+            backends[op] = f"unavailable ({type(e).__name__})"
+    dev = str(device)
+    if device.type == "cuda":
+        dev += f" ({torch.cuda.get_device_name(device)})"
+    group = f"world {world}"
+    if world > 1 and torch.distributed.is_initialized():
+        group += f" ({torch.distributed.get_backend()})"
+    dt = "float32" if amp in (None, "none") else f"{str(dtype).replace('torch.', '')} autocast, float32 weights"
+    line = (f"{what}: device {dev}, {group}, dtype {dt}, threads {torch.get_num_threads()}, "
+            f"backend {get_backend()}: {', '.join(f'{k}={v}' for k, v in backends.items())}")
+    rec = {"event": "run", "what": what, "device": str(device), "world": world, "dtype": dt,
+           "threads": torch.get_num_threads(), "backend": get_backend(), "ops": backends,
+           "torch": torch.__version__}
+    return line, rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,13 +360,21 @@ def _vis_rows(model, ds, n: int, device, amp) -> list:
 
 
 def _evaluate_config(cfg: EvalConfig) -> dict:
+    validate_eval_config(cfg)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    rank, _world = init_distributed(device)
+    rank, world = init_distributed(device)
+    line, _rec = run_header(f"evaluate {cfg.model}", device, cfg.amp, world)
+    if rank == 0:
+        print(line, flush=True)
     probe = make_dataset(cfg, cfg.split, train=False)
     info = data_info(cfg, probe)
     model = build_network(cfg.model, info.num_outputs)
     if cfg.weights:
-        load_weights(model, cfg.weights)
+        report = load_weights(model, cfg.weights, model_name=cfg.model, num_outputs=info.num_outputs, void=cfg.void,
+                              allow_partial=cfg.allow_partial_weights, require_head=True)
+        if rank == 0:
+            print(f"weights {report.summary()}", flush=True)
     else:
         print("warning: evaluate without --weights: the model is randomly initialized")
     model.to(device).eval()
@@ -276,8 +382,6 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
     wanted = list(modes) if cfg.resolution == "both" else [cfg.resolution]
     results = {}
     for mode in wanted:
-        if mode not in modes:
-            raise ValueError(f"resolution must be quarter | full | both, got {cfg.resolution!r}")
         ds = make_dataset(cfg, cfg.split, train=False, label_scale=modes[mode])
         results[mode] = evaluate(model, _eval_loader(ds, cfg.batch_size, cfg.num_workers),
                                  num_classes=info.num_classes, class_names=info.class_names, device=device,
@@ -285,7 +389,7 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
     if cfg.output_dir and rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump({"config": asdict(cfg), "results": results}, f, indent=2)
+            f.write(json_dumps({"config": asdict(cfg), "results": results}, indent=2))
         if cfg.num_vis > 0:
             ds = make_dataset(cfg, cfg.split, train=False)
             save_predictions(os.path.join(cfg.output_dir, "predictions.png"),
@@ -312,30 +416,34 @@ class RunResult:
 
 
 class _StopFlag:
-    """Ctrl-C sets a flag; the loop checkpoints at the next step boundary and stops. A second
-    Ctrl-C interrupts at once (the last checkpoint on disk is still whole)."""
+    """SIGINT (Ctrl-C) and SIGTERM set a flag; the loop checkpoints at the next step boundary and
+    stops (:class:`RunInterrupted` with the signal). A second signal interrupts at once (the last
+    checkpoint on disk is still whole)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stop = False
-        self._prev = None
+        self.signum: Optional[int] = None
+        self._prev: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.getsignal(signal.SIGINT)
-
             def handler(signum, frame):
                 if self.stop:
-                    raise KeyboardInterrupt
-                self.stop = True
-                print("\ninterrupt: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
-                      flush=True)
+                    raise RunInterrupted(signum)
+                self.stop, self.signum = True, signum
+                print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+                      "(send it again to abort)", flush=True)
 
-            signal.signal(signal.SIGINT, handler)
+            for sig in self.SIGNALS:
+                self._prev[sig] = signal.getsignal(sig)
+                signal.signal(sig, handler)
         return self
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         return False
 
 
@@ -355,7 +463,7 @@ def distill(cfg: TrainConfig) -> RunResult:
     """Distill ``cfg.teacher`` (frozen, weights ``cfg.teacher_weights``) into ``cfg.model`` with
     ``cfg.method`` (a :data:`transkd_fast.distill.DISTILLERS` name)."""
     if not cfg.teacher:
-        raise ValueError("distill needs a teacher model (--teacher, e.g. segformer_b2)")
+        raise ConfigError("distill needs a teacher model (--teacher, e.g. segformer_b2)")
     return _run(cfg, "distill")
 
 
@@ -372,18 +480,189 @@ def make_optimizer(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                              fused=True if fused else None)
 
 
+# ---------------------------------------------------------------------------------------------
+# the output folder
+
+RUN_MARKERS = ("last.pt", "model.pt", "metrics.jsonl")
+RUN_FILES = RUN_MARKERS + ("curves.png", "predictions.png", "eval.json")
+TMP_FILES = tuple(f"{n}.tmp" for n in ("last.pt", "model.pt", "metrics.jsonl"))
+
+# Settings an exact resume depends on; a resume that changes one is refused.
+RESUME_MUST_MATCH = (
+    "model", "teacher", "method", "distill_kwargs", "seed", "batch_size", "lr", "beta1", "beta2", "weight_decay",
+    "eps", "poly_power", "grad_clip", "amp", "steps", "dataset", "train_split", "height", "label_scale", "void",
+    "max_translate", "hflip", "normalize", "class_weights", "synthetic_train_size", "synthetic_height",
+    "synthetic_width", "data_seed", "drop_path_rate", "dropout", "label_resize", "acdc_conditions",
+)
+
+
+def run_files(out: str) -> list[str]:
+    """The files of a run in ``out`` (empty: no run there)."""
+    return [n for n in RUN_MARKERS if os.path.exists(os.path.join(out, n))]
+
+
+def move_run_aside(out: str) -> str:
+    """Move the run's files in ``out`` to ``out/previous-<n>/`` (n = 1, 2, ...); never deletes."""
+    n = 1
+    while os.path.exists(os.path.join(out, f"previous-{n}")):
+        n += 1
+    dest = os.path.join(out, f"previous-{n}")
+    os.makedirs(dest)
+    for name in sorted(os.listdir(out)):
+        if name in RUN_FILES or name in TMP_FILES:
+            os.replace(os.path.join(out, name), os.path.join(dest, name))
+    return dest
+
+
+def remove_stale_tmp(out: str) -> list[str]:
+    """Remove ``*.tmp`` left by a write cut short (the file it was replacing is still whole)."""
+    removed = []
+    for name in TMP_FILES:
+        p = os.path.join(out, name)
+        if os.path.isfile(p):
+            os.remove(p)
+            removed.append(name)
+    return removed
+
+
+def truncate_log(path: str, step: int) -> int:
+    """Drop the ``train``/``eval`` records after ``step`` (and a torn last line) from a metrics log;
+    returns how many records were dropped. Written atomically."""
+    if not os.path.isfile(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if rec.get("event") in ("train", "eval") and int(rec.get("step", 0)) > step:
+                dropped += 1
+                continue
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return dropped
+
+
+def _changed_settings(old: dict, cfg: TrainConfig, kind: str) -> list[tuple[str, object, object]]:
+    now = asdict(cfg)
+    out = []
+    for k in RESUME_MUST_MATCH:
+        if k not in old or k not in now:
+            continue
+        if kind == "train" and k in ("teacher", "method", "distill_kwargs"):
+            continue
+        if k == "steps" and cfg.extend_steps and now[k] >= old[k]:
+            continue
+        a, b = old[k], now[k]
+        if isinstance(a, float) or isinstance(b, float):
+            same = a is not None and b is not None and float(a) == float(b)
+        else:
+            same = a == b
+        if not same:
+            out.append((k, a, b))
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resolve_resume(cfg: TrainConfig, ckpt_path: str) -> Optional[str]:
+    """Which checkpoint this run continues (None: a fresh start), or a ConfigError when a fresh
+    start would destroy a run in the output folder."""
+    out = cfg.output_dir
+    present = run_files(out) if os.path.isdir(out) else []
+    resume = cfg.resume
+    if resume == "auto":
+        if os.path.isfile(ckpt_path):
+            return ckpt_path
+        if present:
+            raise ConfigError(f"--resume auto: {out} holds a run ({', '.join(present)}) but no last.pt to continue; "
+                              f"--overwrite starts over (the old files move to {out}/previous-<n>/)")
+        return None
+    if resume:
+        if present and os.path.abspath(resume) != os.path.abspath(ckpt_path):
+            raise ConfigError(f"--resume {resume}: the output folder {out} holds another run ({', '.join(present)}); "
+                              "choose another --output-dir")
+        return resume
+    if present and not cfg.overwrite:
+        raise ConfigError(f"{out} holds a run ({', '.join(present)}): continue it with --resume auto, or start "
+                          f"over with --overwrite (the old run moves to {out}/previous-<n>/), or use another "
+                          "--output-dir")
+    return None
+
+
+def _load_state(module: nn.Module, state: dict, path: str, excluded: tuple = ()) -> None:
+    """A checkpoint's state into ``module``, or one ConfigError naming what does not fit."""
+    target = module.state_dict()
+    missing = [k for k in target if k not in state and not k.startswith(excluded)]
+    unexpected = [k for k in state if k not in target]
+    mism = [k for k in state if k in target and tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or mism:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mism)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+        raise ConfigError(f"--resume {path} does not fit this run's network: tensors {', '.join(parts)}")
+    module.load_state_dict(state, strict=not excluded)
+
+
+def _teacher_identity(cfg: TrainConfig, teacher: nn.Module) -> dict:
+    return {"model": cfg.teacher, "weights": os.path.abspath(cfg.teacher_weights) if cfg.teacher_weights else None,
+            "sha256": state_fingerprint(teacher.state_dict())}
+
+
+def _logit_grid(images: torch.Tensor) -> tuple[int, int]:
+    """The student's logit size: 1/4 of the input, rounded up (stage 1's k7 s4 p3 patch embedding)."""
+    h, w = images.shape[-2:]
+    return (h + 3) // 4, (w + 3) // 4
+
+
 def _run(cfg: TrainConfig, kind: str) -> RunResult:
+    validate_train_config(cfg)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    if cfg.cpu_allocator not in ("tuned", "default"):
-        raise ValueError(f"cpu_allocator must be 'tuned' or 'default', got {cfg.cpu_allocator!r}")
     if device.type == "cpu" and cfg.cpu_allocator == "tuned":
         tune_cpu_allocator()
     rank, world = init_distributed(device)
     main = rank == 0
+    header, header_rec = run_header(f"{kind} {cfg.model}" + (f" from {cfg.teacher} ({cfg.method})"
+                                                             if kind == "distill" else ""), device, cfg.amp, world)
+    if main:
+        print(header, flush=True)
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} ranks")
+        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} ranks")
+    if kind == "distill" and world > 1 and not cfg.sync_bn and cfg.batch_size // world == 1:
+        raise ConfigError(f"--no-sync-bn with one image per rank ({cfg.batch_size} over {world} ranks): the "
+                          "distillation modules' BatchNorm would see one value per channel; use --sync-bn "
+                          "(the default) or a larger --batch-size")
     if cfg.amp != "none":
         autocast_context(cfg.amp, device)  # validates early
+    ckpt_path = os.path.join(cfg.output_dir, "last.pt")
+    weights_path = os.path.join(cfg.output_dir, "model.pt")
+    log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    # Decide before the set-up: a run that would destroy another is refused at once.
+    resume = _resolve_resume(cfg, ckpt_path)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        if ckpt.get("kind") != kind:
+            raise ConfigError(f"--resume {resume} is a {ckpt.get('kind')!r} checkpoint; this is a {kind!r} run "
+                              f"(continue it with `transkd-fast {ckpt.get('kind')}`)")
+        changed = _changed_settings(ckpt.get("config") or {}, cfg, kind)
+        if changed:
+            what = ", ".join(f"{_flag(k)} {a!r} (now {b!r})" for k, a, b in changed)
+            hint = "; --extend-steps accepts a larger --steps" if any(k == "steps" for k, _, _ in changed) else ""
+            raise ConfigError(f"--resume {resume} was run with other settings: {what}; an exact resume needs the "
+                              f"same ones (or start a new run: --overwrite or another --output-dir){hint}")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -394,20 +673,44 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
     weight = torch.tensor(info.class_weights, dtype=torch.float32, device=device) if info.class_weights else None
 
     model = build_network(cfg.model, info.num_outputs, cfg.drop_path_rate, cfg.dropout)
+    reports = []
     if cfg.weights:
-        load_weights(model, cfg.weights)
+        reports.append(("weights", load_weights(model, cfg.weights, model_name=cfg.model,
+                                                num_outputs=info.num_outputs, void=cfg.void,
+                                                allow_partial=cfg.allow_partial_weights)))
+    teacher_id = None
+    exclude: tuple = ()
     if kind == "distill":
         from transkd_fast.distill import build_distiller
 
         teacher = build_network(cfg.teacher, info.num_outputs, 0.0, 0.0)
-        if cfg.teacher_weights:
-            load_weights(teacher, cfg.teacher_weights)
-        elif main:
-            print("warning: distilling from a randomly initialized teacher (no --teacher-weights)")
         module = build_distiller(cfg.method, model, teacher, class_weights=info.class_weights,
                                  ignore_index=info.ignore_index, **cfg.distill_kwargs)
+        if cfg.teacher_weights:
+            reports.append(("teacher weights", load_weights(
+                teacher, cfg.teacher_weights, flag="--teacher-weights", model_name=cfg.teacher,
+                num_outputs=info.num_outputs, void=cfg.void, allow_partial=cfg.allow_partial_weights,
+                require_head=bool(getattr(module, "uses_teacher_logits", False)))))
+        elif main:
+            print("warning: distilling from a randomly initialized teacher (no --teacher-weights)")
+        teacher_id = _teacher_identity(cfg, teacher)
+        exclude = ("teacher.",)
+        # CSF's batch-1 branch is chosen from the global batch, not this rank's share.
+        for m in module.modules():
+            if hasattr(m, "data_parallel_size"):
+                m.data_parallel_size = world
     else:
         module = model
+    if main:
+        for what, rep in reports:
+            print(f"{what} {rep.summary()}", flush=True)
+    if ckpt is not None and kind == "distill":
+        old = ckpt.get("teacher")
+        if old is not None and old.get("sha256") != teacher_id["sha256"]:
+            raise ConfigError(f"--resume {resume} was distilled from another teacher ({old.get('model')}, weights "
+                              f"{old.get('weights')}, sha256 {str(old.get('sha256'))[:12]}); this run's teacher "
+                              f"({cfg.teacher}, weights {teacher_id['weights']}, sha256 {teacher_id['sha256'][:12]}) "
+                              "differs: pass the same --teacher-weights")
     module.to(device)
     if world > 1 and cfg.sync_bn:
         module = convert_sync_batchnorm(module, device)
@@ -417,33 +720,48 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
     optimizer = make_optimizer(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                weight_decay=cfg.weight_decay)
     total, power = cfg.steps, cfg.poly_power
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total) ** power)
+
+    def poly(s: int) -> float:
+        return max(0.0, 1.0 - s / total) ** power
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp == "fp16" and device.type == "cuda") else None
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.output_dir, "last.pt")
-    weights_path = os.path.join(cfg.output_dir, "model.pt")
-    log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start_step, restored_rng = 0, None
-    resume = cfg.resume
-    if resume == "auto":
-        resume = ckpt_path if os.path.isfile(ckpt_path) else None
-    if resume:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("kind") != kind:
-            raise ValueError(f"{resume} is a {ckpt.get('kind')!r} checkpoint; this is a {kind!r} run")
-        module.load_state_dict(ckpt["model"])
+    if ckpt is not None:
+        _load_state(module, ckpt["model"], resume, tuple(ckpt.get("excluded") or ()))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
+        old_steps = (ckpt.get("config") or {}).get("steps", total)
+        if old_steps != total:  # --extend-steps: the schedule follows the new total from here on
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * poly(start_step)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         states = ckpt["rng"]
         restored_rng = states[rank] if len(states) == world else states[0]
-        if main:
-            print(f"resumed from {resume} at step {start_step}")
-    elif main:
-        open(log_path, "w").close()
+    # The folder: nothing in it changed until here.
+    if main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if resume is None and run_files(cfg.output_dir):
+            print(f"--overwrite: moved the previous run to {move_run_aside(cfg.output_dir)}", flush=True)
+        removed = remove_stale_tmp(cfg.output_dir)
+        if removed:
+            print(f"removed stale {', '.join(removed)} (a write cut short; the previous file is whole)", flush=True)
+        if resume is not None:
+            dropped = truncate_log(log_path, start_step)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json_dumps({**header_rec, "event": "resume", "step": start_step, "from": resume,
+                                    "dropped_records": dropped, "steps": total}) + "\n")
+            print(f"resumed from {resume} at step {start_step}"
+                  + (f" (dropped {dropped} log records after it)" if dropped else ""), flush=True)
+        else:
+            with open(log_path, "w", encoding="utf-8") as f:
+                f.write(json_dumps({**header_rec, "step": 0, "kind": kind, "config": asdict(cfg),
+                                    "teacher": teacher_id}) + "\n")
+    barrier()
 
     net = module
     if world > 1:
@@ -451,14 +769,15 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None,
-            # KD modules may skip parameters on some steps (e.g. CSF's BN at local batch 1).
+            # KD modules skip parameters (CSF's batch-1 squeeze MLP at batch ≥ 2).
             find_unused_parameters=kind == "distill")
     sampler = StepBatchSampler(len(train_ds), cfg.batch_size, total, seed=cfg.seed, start_step=start_step,
                                rank=rank, world_size=world)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    # Everything random from here on (dropout, drop path) comes from the global generators.
+    # Everything random from here on (dropout, drop path) comes from the global generators,
+    # seeded per rank: masks are drawn independently on each rank (see the module docstring).
     if restored_rng is not None:
         set_rng_state(restored_rng)
     else:
@@ -481,14 +800,15 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
             states = gathered
         if main:
             save_checkpoint(ckpt_path, kind=kind, step=step, model=module, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, rng=states, config=asdict(cfg))
+                            scaler=scaler, rng=states, config=asdict(cfg), exclude=exclude,
+                            extra={"teacher": teacher_id} if teacher_id else None)
         barrier()
         last_saved = step
 
     def log(rec: dict) -> None:
         if main:
             with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json_dumps(rec) + "\n")
 
     def run_eval(step: int) -> dict:
         m = evaluate(model, _eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers),
@@ -516,12 +836,24 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
                         ce = global_weighted_ce(logits, labels, weight, info.ignore_index)
                         terms = {"loss": ce, "ce": ce}
                     else:
-                        out = net(images, labels)
-                        terms = {k: v for k, v in out.items() if k != "logits" and torch.is_tensor(v) and v.dim() == 0}
+                        # The distiller checks labels against its 1/4 logits; at --label-scale 1 it gets
+                        # them on that grid, and the CE that counts is computed here, on the full-size
+                        # labels, normalized over the global batch (DDP = 1 rank).
+                        grid = _logit_grid(images)
+                        kd_labels = labels if tuple(labels.shape[-2:]) == grid else F.interpolate(
+                            labels[:, None].float(), size=grid, mode="nearest")[:, 0].long()
+                        out = net(images, kd_labels)
+                        ce = global_weighted_ce(out["logits"], labels, weight, info.ignore_index)
+                        kd = {k: v for k, v in out.items()
+                              if k not in ("loss", "ce", "logits") and torch.is_tensor(v) and v.dim() == 0}
+                        loss = ce
+                        for v in kd.values():
+                            loss = loss + v
+                        terms = {"loss": loss, "ce": ce, **kd}
                 if inject_step == step:
                     t = inject_term or "loss"
                     if t not in terms:
-                        raise ValueError(f"inject_nan: no loss term {t!r} (terms: {', '.join(terms)})")
+                        raise ConfigError(f"--inject-nan: no loss term {t!r} (terms: {', '.join(terms)})")
                     terms[t] = terms[t] * float("nan")
                     if t != "loss":
                         terms["loss"] = terms["loss"] + terms[t]
@@ -581,7 +913,7 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
                         print(f"stopped at step {step}; checkpoint {ckpt_path} (continue with --resume auto)",
                               flush=True)
                     if stop_now:
-                        raise KeyboardInterrupt
+                        raise RunInterrupted(stopper.signum or signal.SIGINT)
                     return RunResult(cfg.output_dir, ckpt_path, weights_path, step, None, history, model, module,
                                      info)
         finally:
