@@ -8,22 +8,36 @@ that survive the original's skip rule ``l >= H`` (always a tail of the tuple)::
 
 Since pooling is linear, pool(fs) − pool(ft) = pool(d): the forward reads fs and ft once.
 The bins of all levels share one table of 8 slots per axis (4 + 2 + 1 + an empty pad), so a
-tile's bin sums are two masked reductions over [rows, cols, 8] and [rows, 8, 8]; exact
-adaptive-pool bins, which overlap when H or W is not divisible by l.
+tile's bin sums are two masked reductions (over its columns into column slots, then over its
+rows into row slots); exact adaptive-pool bins, which overlap when H or W is not divisible by l.
 
-- ``_hcl_fwd_kernel``: one program per (n, c) plane, or per row group of it when the planes
-  are too few to fill the GPU, walks its rows in [BLOCK_H, BLOCK_W] tiles accumulating Σd²
-  and every bin sum. A whole plane writes its pooled means P (21 slots: 16 for l = 4, 4 for
-  l = 2, 1 for l = 1; active levels only) and its share of loss_stage; a row group writes
-  partial sums that ``_hcl_combine_kernel`` adds in a fixed order (deterministic) before
-  doing the same. The caller sums the shares of all planes of all stages in one reduction.
-  Nothing of input size is written.
-- ``_hcl_bwd_kernel``: one program per (plane, row group) recomputes d and writes
-  ∂loss/∂fs = g · (2·c0·d + Σ_l Σ_{bins ∋ (h,w)} 2·c_l·P_l[i, j] / area_ij), and −that for ft.
+Two layouts, each read along its contiguous axis (the launcher picks by ``fs``'s strides):
+
+- **planes** (W innermost: contiguous NCHW): ``_hcl_fwd_kernel`` / ``_hcl_bwd_kernel``. One
+  program per (n, c) plane, or per row group of it when the planes are too few to fill the
+  GPU, walks its rows in [BLOCK_H, BLOCK_W] tiles, vectorized along W.
+- **channels innermost** (channels_last, what the MiT stages and CSF produce):
+  ``_hcl_fwd_cl_kernel`` / ``_hcl_bwd_cl_kernel``. One program per (n, block of BLOCK_C
+  channels, band of rows × band of column tiles) walks its rows one at a time in
+  [BLOCK_W pixels, BLOCK_C channels] tiles, vectorized along C; the bin sums of each (n, c)
+  accumulate over the program's pixel tiles as an [8, 8, BLOCK_C] table.
+
+Forward: a program that covers whole planes writes their pooled means P (21 slots per (n, c):
+16 for l = 4, 4 for l = 2, 1 for l = 1; active levels only) and their shares of loss_stage; a
+program of a split plane writes partial sums (21 bin sums + Σd² per (n, c, group)) that
+``_hcl_combine_kernel`` adds in a fixed order (deterministic) before doing the same. The caller
+sums the shares of all planes of all stages in one reduction. Nothing of input size is written.
+Backward: one program per tile band recomputes d and writes
+∂loss/∂fs = g · (2·c0·d + Σ_l Σ_{bins ∋ (h,w)} 2·c_l·P_l[i, j] / area_ij), and −that for ft,
+into gradients of any strides (the ops allocate them in the inputs' layouts).
 
 Bins are applied with ``tl.where``, never by multiplying with a 0/1 mask, so an inf or NaN
 reaches exactly the bins that contain it, as in the eager reference. The loss coefficients
 are computed in the kernel from N, C, H, W in the accumulation dtype (fp64 for fp64 inputs).
+
+Every int argument may arrive as a ``constexpr`` 1 at a GPU launch (the JIT specializes ints
+equal to 1: batch 1, H = 1, W = 1, unit strides, one row tile): the kernels only combine them
+with tensors, or turn them into tensors with ``tl.full`` before calling tensor methods.
 """
 
 from __future__ import annotations
@@ -34,6 +48,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ._device import sm_count
 
 LEVELS = (4, 2, 1)
 NUM_WARPS = 4
@@ -52,26 +68,34 @@ def _bin_table(N, C, H, W, NS: tl.constexpr, ACC: tl.constexpr):
       are the tail of (4, 2, 1) with l < H (the original's skip rule); cnt halves from 1/2 at
       the first active one; tot = 1 + Σ cnt.
     """
+    # N, C, H, W are constexpr 1 at launches where they equal 1: make tensors of them first
+    # (``(H > 4).to(...)`` on a constexpr is a Python bool, ``N.to(...)`` an AttributeError).
+    h = tl.full([], H, tl.int32)
+    w = tl.full([], W, tl.int32)
     k = tl.arange(0, NS)
     lvl = tl.where(k < 4, 4, tl.where(k < 6, 2, 1))
     b = tl.where(k < 4, k, tl.where(k < 6, k - 4, 0))
-    rs = (b * H) // lvl
-    re = tl.where(k < 7, ((b + 1) * H + lvl - 1) // lvl, 0)
-    cs = (b * W) // lvl
-    ce = tl.where(k < 7, ((b + 1) * W + lvl - 1) // lvl, 0)
+    rs = (b * h) // lvl
+    re = tl.where(k < 7, ((b + 1) * h + lvl - 1) // lvl, 0)
+    cs = (b * w) // lvl
+    ce = tl.where(k < 7, ((b + 1) * w + lvl - 1) // lvl, 0)
     li = lvl[:, None]
-    used = (li == lvl[None, :]) & (k[:, None] < 7) & (k[None, :] < 7) & (li < H)
+    used = (li == lvl[None, :]) & (k[:, None] < 7) & (k[None, :] < 7) & (li < h)
     slot = tl.where(li == 4, 0, tl.where(li == 2, 16, 20)) + b[:, None] * li + b[None, :]
     area = tl.where(used, (re - rs)[:, None] * (ce - cs)[None, :], 1)
-    nl = (H > 4).to(tl.int32) + (H > 2).to(tl.int32) + (H > 1).to(tl.int32)
+    nl = (h > 4).to(tl.int32) + (h > 2).to(tl.int32) + (h > 1).to(tl.int32)
     # position of the level among the active ones: cnt = 0.5^(position + 1)
     pos = tl.where(li == 4, 0, tl.where(li == 2, 1, 2)) - (3 - nl)
     cnt = tl.exp2(-(pos + 1).to(ACC))
     tot = 2.0 - tl.exp2(-nl.to(ACC))
-    nc = N.to(tl.int64) * C
+    nc = tl.full([], N, tl.int64) * C
     coef = cnt / (tot * nc.to(ACC) * (li * li).to(ACC))
-    c0 = 1.0 / (tot * (nc * H * W).to(ACC))
+    c0 = 1.0 / (tot * (nc * h * w).to(ACC))
     return rs, re, cs, ce, used, slot, area, coef, c0
+
+
+# ---------------------------------------------------------------------------------------
+# Planes: W innermost.
 
 
 @triton.jit
@@ -158,6 +182,8 @@ def _hcl_bwd_kernel(
     N, C, H, W,
     sfn, sfc, sfh, sfw,
     stn, stc, sth, stw,
+    sgn, sgc, sgh, sgw,
+    sun, suc, suh, suw,
     write_ft, row_tiles,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -173,29 +199,146 @@ def _hcl_bwd_kernel(
     a0 = 2.0 * c0 * g
     fs_plane = fs_ptr + n * sfn + c * sfc
     ft_plane = ft_ptr + n * stn + c * stc
-    g_plane = plane.to(tl.int64) * H * W
+    gs_plane = gfs_ptr + n * sgn + c * sgc
+    gt_plane = gft_ptr + n * sun + c * suc
     hr = tl.arange(0, BLOCK_H)
     wr = tl.arange(0, BLOCK_W)
     for r in range(0, row_tiles):
         h = (tl.program_id(1) * row_tiles + r) * BLOCK_H + hr
         hm = h < H
-        h64 = h.to(tl.int64)
+        h64 = h.to(tl.int64)[:, None]
         rm = (h[:, None] >= rs[None, :]) & (h[:, None] < re[None, :])
         t = tl.sum(tl.where(rm[:, :, None], q[None, :, :], 0.0), axis=1)  # [BH, NS]: per row, per col slot
-        fs_row = fs_plane + h64[:, None] * sfh
-        ft_row = ft_plane + h64[:, None] * sth
-        g_row = g_plane + h64[:, None] * W
         for w0 in range(0, W, BLOCK_W):
             w = w0 + wr
             m = hm[:, None] & (w < W)[None, :]
             w64 = w.to(tl.int64)[None, :]
-            a = tl.load(fs_row + w64 * sfw, mask=m, other=0.0).to(ACC)
-            b = tl.load(ft_row + w64 * stw, mask=m, other=0.0).to(ACC)
+            a = tl.load(fs_plane + h64 * sfh + w64 * sfw, mask=m, other=0.0).to(ACC)
+            b = tl.load(ft_plane + h64 * sth + w64 * stw, mask=m, other=0.0).to(ACC)
             cm = (w[:, None] >= cs[None, :]) & (w[:, None] < ce[None, :])
             grad = a0 * (a - b) + tl.sum(tl.where(cm[None, :, :], t[:, None, :], 0.0), axis=2)
-            tl.store(gfs_ptr + g_row + w64, grad.to(gfs_ptr.dtype.element_ty), mask=m)
+            tl.store(gs_plane + h64 * sgh + w64 * sgw, grad.to(gfs_ptr.dtype.element_ty), mask=m)
             if write_ft:
-                tl.store(gft_ptr + g_row + w64, (-grad).to(gft_ptr.dtype.element_ty), mask=m)
+                tl.store(gt_plane + h64 * suh + w64 * suw, (-grad).to(gft_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------
+# Channels innermost (channels_last).
+
+
+@triton.jit
+def _hcl_fwd_cl_kernel(
+    fs_ptr, ft_ptr, pooled_ptr, share_ptr, part_ptr,
+    N, C, H, W,
+    sfn, sfc, sfh, sfw,
+    stn, stc, sth, stw,
+    rows_per_group, col_tiles, col_groups,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    NS: tl.constexpr = 8
+    rs, re, cs, ce, used, slot, area, coef, c0 = _bin_table(N, C, H, W, NS, ACC)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    unit = tl.program_id(0)
+    n = (unit // c_blocks).to(tl.int64)
+    c = (unit % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    c64 = c.to(tl.int64)[None, :]
+    fs_base = fs_ptr + n * sfn + c64 * sfc
+    ft_base = ft_ptr + n * stn + c64 * stc
+    group = tl.program_id(1)
+    row0 = (group // col_groups) * rows_per_group
+    tile0 = (group % col_groups) * col_tiles
+    wr = tl.arange(0, BLOCK_W)
+    sq = tl.zeros([BLOCK_W, BLOCK_C], ACC)
+    acc = tl.zeros([NS, NS, BLOCK_C], ACC)  # acc[i, j, c]: Σ d over row bin i × col bin j of channel c
+    for r in range(0, rows_per_group):
+        h = row0 + r
+        h64 = h.to(tl.int64)
+        # Rows past H (the last band) load nothing. One scalar per row; ``(w < W) & (h < H)`` would
+        # also do on a GPU, but the interpreter turns a scalar-and-block ``&`` into an int mask
+        # ("mask has unsupported dtype").
+        w_end = tl.where(h < H, W, 0)
+        row = tl.zeros([NS, BLOCK_C], ACC)  # per col slot: Σ d over this row's pixels in the bin
+        for t in range(0, col_tiles):
+            w = (tile0 + t) * BLOCK_W + wr
+            m = (w < w_end)[:, None] & c_ok[None, :]
+            w64 = w.to(tl.int64)[:, None]
+            a = tl.load(fs_base + h64 * sfh + w64 * sfw, mask=m, other=0.0).to(ACC)
+            b = tl.load(ft_base + h64 * sth + w64 * stw, mask=m, other=0.0).to(ACC)
+            d = a - b
+            sq += d * d
+            # tl.where, not a 0/1 product: an inf or NaN reaches only the bins that contain it.
+            cm = (w[:, None] >= cs[None, :]) & (w[:, None] < ce[None, :])  # [BW, NS]
+            row += tl.sum(tl.where(cm[:, :, None], d[:, None, :], 0.0), axis=0)
+        rm = (h >= rs) & (h < re)  # [NS]: the row slots this row belongs to (none past H)
+        acc += tl.where(rm[:, None, None], row[None, :, :], 0.0)
+    sq_c = tl.sum(sq, axis=0)
+    plane = (n * C + c64)  # [1, BC]
+    groups = tl.num_programs(1)
+    m3 = used[:, :, None] & c_ok[None, None, :]
+    if groups == 1:
+        p = acc / area[:, :, None].to(ACC)
+        tl.store(pooled_ptr + plane[None, :, :] * 21 + slot[:, :, None], p, mask=m3)
+        share = c0 * sq_c + tl.sum(tl.sum(tl.where(m3, coef[:, :, None] * p * p, 0.0), axis=1), axis=0)
+        tl.store(share_ptr + tl.reshape(plane, [BLOCK_C]), share, mask=c_ok)
+    else:
+        # Partial bin sums (slots 0-20) and Σd² (slot 21) per (n, c, group), combined in a fixed
+        # order by _hcl_combine_kernel (the planes' layout of partials).
+        base = (plane * groups + group) * 22
+        tl.store(part_ptr + base[None, :, :] + slot[:, :, None], acc, mask=m3)
+        tl.store(part_ptr + tl.reshape(base, [BLOCK_C]) + 21, sq_c, mask=c_ok)
+
+
+@triton.jit
+def _hcl_bwd_cl_kernel(
+    fs_ptr, ft_ptr, pooled_ptr, gout_ptr, gfs_ptr, gft_ptr,
+    N, C, H, W,
+    sfn, sfc, sfh, sfw,
+    stn, stc, sth, stw,
+    sgn, sgc, sgh, sgw,
+    sun, suc, suh, suw,
+    write_ft, rows_per_group, col_tiles, col_groups,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    NS: tl.constexpr = 8
+    rs, re, cs, ce, used, slot, area, coef, c0 = _bin_table(N, C, H, W, NS, ACC)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    unit = tl.program_id(0)
+    n = (unit // c_blocks).to(tl.int64)
+    c = (unit % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    c64 = c.to(tl.int64)[None, :]
+    g = tl.load(gout_ptr).to(ACC)
+    # q[i, j, c] = ∂loss/∂(bin sum) = 2·coef·g·P[i, j, c] / area; zero off the active bins.
+    m3 = used[:, :, None] & c_ok[None, None, :]
+    p = tl.load(pooled_ptr + (n * C + c64)[None, :, :] * 21 + slot[:, :, None], mask=m3, other=0.0).to(ACC)
+    q = tl.where(m3, (2.0 * g) * coef[:, :, None] * p / area[:, :, None].to(ACC), 0.0)
+    a0 = 2.0 * c0 * g
+    fs_base = fs_ptr + n * sfn + c64 * sfc
+    ft_base = ft_ptr + n * stn + c64 * stc
+    gs_base = gfs_ptr + n * sgn + c64 * sgc
+    gt_base = gft_ptr + n * sun + c64 * suc
+    group = tl.program_id(1)
+    row0 = (group // col_groups) * rows_per_group
+    tile0 = (group % col_groups) * col_tiles
+    wr = tl.arange(0, BLOCK_W)
+    for r in range(0, rows_per_group):
+        h = row0 + r
+        h64 = h.to(tl.int64)
+        w_end = tl.where(h < H, W, 0)  # rows past H store nothing (see the forward)
+        rm = (h >= rs) & (h < re)
+        t_row = tl.sum(tl.where(rm[:, None, None], q, 0.0), axis=0)  # [NS, BC]: this row, per col slot
+        for t in range(0, col_tiles):
+            w = (tile0 + t) * BLOCK_W + wr
+            m = (w < w_end)[:, None] & c_ok[None, :]
+            w64 = w.to(tl.int64)[:, None]
+            a = tl.load(fs_base + h64 * sfh + w64 * sfw, mask=m, other=0.0).to(ACC)
+            b = tl.load(ft_base + h64 * sth + w64 * stw, mask=m, other=0.0).to(ACC)
+            cm = (w[:, None] >= cs[None, :]) & (w[:, None] < ce[None, :])
+            grad = a0 * (a - b) + tl.sum(tl.where(cm[:, :, None], t_row[None, :, :], 0.0), axis=1)
+            tl.store(gs_base + h64 * sgh + w64 * sgw, grad.to(gfs_ptr.dtype.element_ty), mask=m)
+            if write_ft:
+                tl.store(gt_base + h64 * suh + w64 * suw, (-grad).to(gft_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,13 +350,25 @@ def num_levels(H: int) -> int:
     return sum(1 for lv in LEVELS if lv < H)
 
 
-# [BLOCK_H, BLOCK_W] tiles by map width: three shapes keep the compile matrix small. 512 elements,
-# except narrow maps: 16×32 spills on sm_90 (ptxas keeps it at 80 registers), 8×32 does not.
+# Planes: [BLOCK_H, BLOCK_W] tiles by map width; three shapes keep the compile matrix small. 512
+# elements, except narrow maps: 16×32 spills on sm_90 (ptxas keeps it at 80 registers), 8×32 does not.
 TILES = ((32, (8, 32)), (64, (8, 64)), (None, (4, 128)))
-# Planes are split into row groups until about this many programs run (4-8 per SM of an H100).
-# In the interpreter the tiles cover whole planes (up to 4096 elements), so larger maps alone split.
-FWD_MIN_PROGRAMS = 1024
-BWD_MIN_PROGRAMS = 2048
+# Channels innermost: [BLOCK_W, BLOCK_C] tiles of CL_TILE elements, BLOCK_C = C rounded up to a
+# power of two, at most CL_MAX_C (64 bytes of fp16 per pixel: whole 32-byte sectors; small
+# channel blocks keep the forward's per-channel partial sums few).
+CL_TILE = 512
+CL_MAX_C = 32
+# Grids: split the work until about this many programs per SM run (the forward's row groups
+# write partial sums, so it stops at CL_MIN_GROUP_PIXELS pixels per channel-innermost group).
+FWD_PROGRAMS_PER_SM = 8
+BWD_PROGRAMS_PER_SM = 16
+CL_MIN_GROUP_PIXELS = 512
+# SMs assumed for CPU tensors (the interpreter): few, so small test maps still take the split paths.
+INTERPRET_SMS = 2
+# Test speed only: the interpreter pays per program iteration, not per element, so under it the
+# tiles grow to cover whole planes / rows (up to INTERPRET_TILE elements). The GPU tiles above are
+# what the compile check builds, and tests run them in the interpreter too (monkeypatched).
+INTERPRET_TILE = 4096
 
 
 def _interpreting() -> bool:
@@ -221,19 +376,35 @@ def _interpreting() -> bool:
 
 
 def _tile(H: int, W: int) -> tuple[int, int]:
-    if _interpreting():
-        # The interpreter pays per program iteration, not per element: one tile per plane when it fits.
+    """[BLOCK_H, BLOCK_W] of the plane kernels."""
+    if _interpreting():  # test speed (see INTERPRET_TILE)
         bw = triton.next_power_of_2(W)
-        if bw <= 4096:
-            return max(1, min(triton.next_power_of_2(H), 4096 // bw)), bw
+        if bw <= INTERPRET_TILE:
+            return max(1, min(triton.next_power_of_2(H), INTERPRET_TILE // bw)), bw
     for max_w, shape in TILES:
         if max_w is None or W <= max_w:
             return shape
     raise AssertionError("unreachable")
 
 
+def _cl_tile(C: int, W: int) -> tuple[int, int]:
+    """[BLOCK_W, BLOCK_C] of the channels-innermost kernels."""
+    if _interpreting():  # test speed (see INTERPRET_TILE)
+        bc = min(triton.next_power_of_2(C), 64)
+        return max(1, min(triton.next_power_of_2(W), INTERPRET_TILE // bc)), bc
+    bc = min(triton.next_power_of_2(C), CL_MAX_C)
+    return CL_TILE // bc, bc
+
+
 def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def channels_inner(t: torch.Tensor) -> bool:
+    """Whether ``t`` [N, C, H, W] has its channels innermost in memory (channels_last), so the
+    channel-tiled kernels read it along its contiguous axis."""
+    N, C, H, W = t.shape
+    return C > 1 and t.stride(1) == 1 and (W == 1 or t.stride(3) != 1)
 
 
 def _row_groups(N: int, C: int, H: int, bh: int, min_programs: int) -> tuple[int, int]:
@@ -244,64 +415,78 @@ def _row_groups(N: int, C: int, H: int, bh: int, min_programs: int) -> tuple[int
     return triton.cdiv(tiles, row_tiles), row_tiles
 
 
+def _cl_groups(units: int, H: int, W: int, bw: int, min_programs: int,
+               min_pixels: int = 0) -> tuple[int, int, int, int]:
+    """(row groups, rows per group, column groups, column tiles per group) of the channel-tiled
+    grid: bands of rows first, then bands of column tiles, until about ``min_programs`` programs
+    (and, when given, no fewer than ``min_pixels`` pixels per group)."""
+    col_tiles = triton.cdiv(W, bw)
+    want = triton.cdiv(min_programs, units)
+    if min_pixels:
+        want = min(want, max(1, (H * W) // min_pixels))
+    row_groups = max(1, min(H, want))
+    rows = triton.cdiv(H, row_groups)
+    row_groups = triton.cdiv(H, rows)
+    col_groups = max(1, min(col_tiles, triton.cdiv(want, row_groups)))
+    tiles = triton.cdiv(col_tiles, col_groups)
+    return row_groups, rows, triton.cdiv(col_tiles, tiles), tiles
+
+
 def hcl_stage_forward(fs: torch.Tensor, ft: torch.Tensor, pooled: torch.Tensor, share: torch.Tensor) -> None:
     """One stage: fill ``pooled`` [N·C·21] and ``share`` [N·C] (fp32, or fp64 for fp64 inputs).
 
     ``share.sum()`` is this stage's loss_stage; ``pooled`` holds the pooled means of d that
-    backward needs (only the active levels' slots are written). Planes too few to fill the
-    GPU are split into row groups whose partial sums a second small launch combines.
+    backward needs (only the active levels' slots are written). Work too small to fill the GPU is
+    split into groups whose partial sums a second small launch combines. The kernel reads along
+    fs's contiguous axis: W (planes) or C (channels_last).
     """
     N, C, H, W = fs.shape
-    bh, bw = _tile(H, W)
-    groups, row_tiles = _row_groups(N, C, H, bh, FWD_MIN_PROGRAMS)
-    part = pooled.new_empty(N * C * groups * 22) if groups > 1 else pooled
     acc = _acc(fs.dtype)
-    _hcl_fwd_kernel[(N * C, groups)](
-        fs, ft, pooled, share, part, N, C, H, W, *fs.stride(), *ft.stride(), row_tiles,
-        BLOCK_H=bh, BLOCK_W=bw, ACC=acc, num_warps=NUM_WARPS,
-    )
+    min_programs = FWD_PROGRAMS_PER_SM * sm_count(fs.device, INTERPRET_SMS)
+    if channels_inner(fs):
+        bw, bc = _cl_tile(C, W)
+        units = N * triton.cdiv(C, bc)
+        row_groups, rows, col_groups, tiles = _cl_groups(units, H, W, bw, min_programs, CL_MIN_GROUP_PIXELS)
+        groups = row_groups * col_groups
+        part = pooled.new_empty(N * C * groups * 22) if groups > 1 else pooled
+        _hcl_fwd_cl_kernel[(units, groups)](
+            fs, ft, pooled, share, part, N, C, H, W, *fs.stride(), *ft.stride(), rows, tiles, col_groups,
+            BLOCK_W=bw, BLOCK_C=bc, ACC=acc, num_warps=NUM_WARPS,
+        )
+    else:
+        bh, bw = _tile(H, W)
+        groups, row_tiles = _row_groups(N, C, H, bh, min_programs)
+        part = pooled.new_empty(N * C * groups * 22) if groups > 1 else pooled
+        _hcl_fwd_kernel[(N * C, groups)](
+            fs, ft, pooled, share, part, N, C, H, W, *fs.stride(), *ft.stride(), row_tiles,
+            BLOCK_H=bh, BLOCK_W=bw, ACC=acc, num_warps=NUM_WARPS,
+        )
     if groups > 1:
         _hcl_combine_kernel[(N * C,)](part, pooled, share, N, C, H, W, groups, ACC=acc, num_warps=1)
 
 
 def hcl_stage_backward(grad_out: torch.Tensor, fs: torch.Tensor, ft: torch.Tensor, pooled: torch.Tensor,
                        gfs: torch.Tensor, gft: Optional[torch.Tensor]) -> None:
-    """Write ∂loss/∂fs into ``gfs`` (contiguous NCHW) and, when given, −that into ``gft``.
+    """Write ∂loss/∂fs into ``gfs`` and, when given, −that into ``gft`` (any strides: the ops
+    pass gradients in the inputs' layouts).
 
     ``grad_out`` is the 0-d gradient of the loss, read on the device (no host sync).
     """
     N, C, H, W = fs.shape
-    bh, bw = _tile(H, W)
-    groups, row_tiles = _row_groups(N, C, H, bh, BWD_MIN_PROGRAMS)
-    _hcl_bwd_kernel[(N * C, groups)](
-        fs, ft, pooled, grad_out, gfs, gfs if gft is None else gft, N, C, H, W,
-        *fs.stride(), *ft.stride(), int(gft is not None), row_tiles,
-        BLOCK_H=bh, BLOCK_W=bw, ACC=_acc(fs.dtype), num_warps=NUM_WARPS,
-    )
-
-
-def compile_specs():
-    """Forward and backward × fp16/bf16/fp32 × the three tile shapes of ``TILES`` (the only
-    constexprs besides the accumulation dtype), and the combine step of row-split forwards."""
-    from transkd_fast.compile_check import CompileSpec
-
-    common = {k: "i32" for k in ("N", "C", "H", "W", "sfn", "sfc", "sfh", "sfw", "stn", "stc", "sth", "stw")}
-    tiled = {"BLOCK_H": "constexpr", "BLOCK_W": "constexpr", "ACC": "constexpr"}
-    specs = []
-    for tname in ("fp16", "bf16", "fp32"):
-        ptr = f"*{tname}"
-        for _, (bh, bw) in TILES:
-            consts = {"BLOCK_H": bh, "BLOCK_W": bw, "ACC": tl.float32}
-            fwd_sig = {"fs_ptr": ptr, "ft_ptr": ptr, "pooled_ptr": "*fp32", "share_ptr": "*fp32", "part_ptr": "*fp32",
-                       **common, "row_tiles": "i32", **tiled}
-            specs.append(CompileSpec(_hcl_fwd_kernel, fwd_sig, consts, num_warps=NUM_WARPS,
-                                     label=f"fwd {tname} tile={bh}x{bw}"))
-            bwd_sig = {"fs_ptr": ptr, "ft_ptr": ptr, "pooled_ptr": "*fp32", "gout_ptr": "*fp32",
-                       "gfs_ptr": ptr, "gft_ptr": ptr, **common, "write_ft": "i32", "row_tiles": "i32", **tiled}
-            specs.append(CompileSpec(_hcl_bwd_kernel, bwd_sig, consts, num_warps=NUM_WARPS,
-                                     label=f"bwd {tname} tile={bh}x{bw}"))
-    # The combine step reads fp32 partial sums whatever the input dtype: one build.
-    comb_sig = {"part_ptr": "*fp32", "pooled_ptr": "*fp32", "share_ptr": "*fp32", "N": "i32", "C": "i32", "H": "i32",
-                "W": "i32", "groups": "i32", "ACC": "constexpr"}
-    specs.append(CompileSpec(_hcl_combine_kernel, comb_sig, {"ACC": tl.float32}, num_warps=1, label="combine fp32"))
-    return specs
+    gt = gfs if gft is None else gft
+    min_programs = BWD_PROGRAMS_PER_SM * sm_count(fs.device, INTERPRET_SMS)
+    args = (fs, ft, pooled, grad_out, gfs, gt, N, C, H, W,
+            *fs.stride(), *ft.stride(), *gfs.stride(), *gt.stride(), int(gft is not None))
+    if channels_inner(fs):
+        bw, bc = _cl_tile(C, W)
+        units = N * triton.cdiv(C, bc)
+        row_groups, rows, col_groups, tiles = _cl_groups(units, H, W, bw, min_programs)
+        _hcl_bwd_cl_kernel[(units, row_groups * col_groups)](
+            *args, rows, tiles, col_groups, BLOCK_W=bw, BLOCK_C=bc, ACC=_acc(fs.dtype), num_warps=NUM_WARPS,
+        )
+    else:
+        bh, bw = _tile(H, W)
+        groups, row_tiles = _row_groups(N, C, H, bh, min_programs)
+        _hcl_bwd_kernel[(N * C, groups)](
+            *args, row_tiles, BLOCK_H=bh, BLOCK_W=bw, ACC=_acc(fs.dtype), num_warps=NUM_WARPS,
+        )

@@ -25,6 +25,8 @@ Backends:
 - ``triton``: the same custom op over ``transkd_fast.kernels.hcl``: per stage one forward
   launch reading fs and ft once (Σd² and every bin sum), one reduction over all stages, and
   one backward launch per stage writing ∂/∂fs (and ∂/∂ft = −∂/∂fs when ft requires grad).
+  The kernels read along the contiguous axis of fs's layout (W for NCHW, C for channels_last)
+  and write each gradient in its input's layout (``empty_like``), with no copies.
 
 Both custom-op backends return ``(loss, pooled)``: ``pooled`` holds the 21 pooled means of d
 per (stage, n, c) plane (16 for l = 4, 4 for l = 2, 1 for l = 1), all that backward needs
@@ -238,8 +240,10 @@ def _triton_backward(grad, fs_list, ft_list, pooled, need_ft):
     grad = grad.to(_acc_dtype(fs_list[0].dtype))
     for fs, ft, want_ft in zip(fs_list, ft_list, need_ft):
         p = fs.shape[0] * fs.shape[1]
-        g_s = torch.empty(fs.shape, dtype=fs.dtype, device=fs.device)
-        g_t = torch.empty(ft.shape, dtype=ft.dtype, device=ft.device) if want_ft else None
+        # Gradients in the inputs' layouts (channels_last in, channels_last out): the kernels take
+        # their strides, so nothing is copied.
+        g_s = torch.empty_like(fs)
+        g_t = torch.empty_like(ft) if want_ft else None
         hcl_stage_backward(grad, fs, ft, pooled[off * SLOTS:(off + p) * SLOTS], g_s, g_t)
         off += p
         gfs.append(g_s)
@@ -276,19 +280,19 @@ def _hcl_backward_op(grad: torch.Tensor, student_feats: list[torch.Tensor], teac
     return _BACKWARD[backend](grad, student_feats, teacher_feats, pooled, need_ft)
 
 
-def _grad_format(fs: torch.Tensor, ft: torch.Tensor, backend: str) -> torch.memory_format:
-    """The memory format of both gradients of one stage: the triton kernels write contiguous
-    NCHW; the torch backend's grid path keeps fs's layout, its other path is contiguous."""
-    if backend == "torch":
-        fmt = _grid_format(fs, ft)
-        if fmt is not None:
-            return fmt
-    return torch.contiguous_format
+def _grad_format(fs: torch.Tensor, ft: torch.Tensor) -> torch.memory_format:
+    """The memory format of the torch backend's gradients of one stage: its grid path keeps
+    fs's layout, its other path is contiguous."""
+    fmt = _grid_format(fs, ft)
+    return torch.contiguous_format if fmt is None else fmt
 
 
 @_hcl_backward_op.register_fake
 def _(grad, student_feats, teacher_feats, pooled, need_ft, backend):
-    fmts = [_grad_format(fs, ft, backend) for fs, ft in zip(student_feats, teacher_feats)]
+    if backend == "triton":  # each gradient in its input's layout (empty_like keeps dense strides)
+        return ([torch.empty_like(fs) for fs in student_feats]
+                + [torch.empty_like(ft) for ft, want in zip(teacher_feats, need_ft) if want])
+    fmts = [_grad_format(fs, ft) for fs, ft in zip(student_feats, teacher_feats)]
     return ([torch.empty_like(fs, memory_format=f) for fs, f in zip(student_feats, fmts)]
             + [torch.empty_like(ft, memory_format=f)
                for ft, f, want in zip(teacher_feats, fmts, need_ft) if want])
