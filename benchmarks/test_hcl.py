@@ -2,7 +2,8 @@
 
 All four stages in one call, as the distiller runs it: student maps after CSF at the teacher
 B2 widths, [2, 64, 128, 256], [2, 128, 64, 128], [2, 320, 32, 64], [2, 512, 16, 32]; the
-teacher maps need no grad. Reference, torch and (on CUDA) triton run in one session;
+teacher maps need no grad; contiguous, and channels_last as the models give them
+(``test_hcl_loss_fwd_bwd_channels_last``). Reference, torch and (on CUDA) triton run in one session;
 ``extra_info`` records shapes, dtype, device, modeled FLOPs and modeled bytes moved:
 
 - reference / torch: the sum over every ATen op they run (forward and backward) of the
@@ -60,5 +61,30 @@ def test_hcl_loss_fwd_bwd(benchmark, backend, dtype):
         "bytes_modeled": bytes_[backend],
         "bytes_reference": bytes_["reference"],
         "bytes_fused_io": bytes_["triton"],
+    })
+    time_fwd_bwd(benchmark, fs, lambda: hcl_loss(fs, ft, backend=backend))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hcl_loss_fwd_bwd_channels_last(benchmark, backend, dtype):
+    """The same four stages in channels_last, the layout the MiT stages and CSF hand to HCL (the
+    torch backend's grid path keeps it; triton reads along C and writes channels_last gradients)."""
+    fs, ft = stage_inputs(SHAPES, dtype)
+    cl = torch.channels_last
+    fs = [t.detach().contiguous(memory_format=cl).requires_grad_() for t in fs]
+    ft = [t.contiguous(memory_format=cl) for t in ft]
+    try:
+        resolve("hcl_loss", fs[0], backend=backend)
+    except BackendError as e:
+        pytest.skip(str(e))
+    if dtype not in _BYTES:
+        _BYTES[dtype] = _modeled_bytes(dtype)
+    n = sum(t.numel() for t in fs)
+    benchmark.extra_info.update({
+        "op": "hcl_loss", "what": "forward+backward, 4 stages, channels_last", "shapes": [list(s) for s in SHAPES],
+        "dtype": str(dtype).replace("torch.", ""), "device": str(DEVICE), "backend": backend,
+        "layout": "channels_last", "flops_modeled": 20 * n,
+        "bytes_reference": _BYTES[dtype]["reference"], "bytes_fused_io": _BYTES[dtype]["triton"],
     })
     time_fwd_bwd(benchmark, fs, lambda: hcl_loss(fs, ft, backend=backend))
