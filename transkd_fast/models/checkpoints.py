@@ -12,6 +12,10 @@ Accepted namings (detected per key, so a file is read whatever wrote it):
   hub files' naming (transformers 4: ``segformer.encoder.block.0.0.attention.self.query``) and in
   transformers ≥ 5's module naming (``segformer.stages.0.blocks.0.attention.q_proj``). Their
   separate key and value Linears are fused into our ``kv`` as ``[k; v]`` (rows concatenated).
+- Whole-distiller files (the original TransKD's ``build_kd_trans`` checkpoints, or a state dict of
+  our distillers): the ``student.*`` part loads into a plain model, in any naming above; the KD
+  modules' (and teacher's) keys are reported as ``ignored``. The whole distiller loads with
+  :meth:`transkd_fast.distill.TransKD.load_original`.
 
 Known extras that belong to no module here are ``ignored`` (reported, never an error): ImageNet
 classifier ``head.*`` / ``classifier.*``, and mmseg's unused ``decode_head.conv_seg`` in NVlabs
