@@ -141,7 +141,7 @@ def parse_conditions(conditions: Union[None, str, Sequence[str]]) -> Optional[tu
     if conditions is None:
         return None
     if isinstance(conditions, str):
-        conditions = [c for c in conditions.split(",")]
+        conditions = [c for c in conditions.split(",") if c.strip()]
     out: list[str] = []
     for c in conditions:
         c = str(c).strip().lower()
