@@ -144,3 +144,21 @@ def test_known_palettes_get_their_class_names(n):
         assert [e[0] for e in entries][:2] == [names[3], names[5]]
     finally:
         plt.close(fig)
+
+
+def test_short_palette_never_draws_a_class_as_void():
+    import matplotlib.pyplot as plt
+
+    from transkd_fast.engine.viz import full_palette
+
+    short = np.array([(0, 0, 0), (200, 10, 10)], np.uint8)  # 2 colours for 6 classes
+    pal = full_palette(short, 6)
+    assert pal.shape == (6, 3) and (pal[:2] == short).all()
+    colours = {tuple(int(v) for v in c) for c in pal}
+    assert len(colours) == 6 and void_color(pal) not in colours
+    fig, entries = predictions_figure(_rows(6, void_out=6), short, 6)
+    try:
+        named = dict((n, c) for n, c in entries)
+        assert named["5"] != named["void"] and named["3"] != named["void"]
+    finally:
+        plt.close(fig)

@@ -38,6 +38,26 @@ def void_color(palette: np.ndarray) -> tuple:
     raise ValueError("the palette uses every candidate void colour")
 
 
+def full_palette(palette: np.ndarray, num_classes: int) -> np.ndarray:
+    """``palette`` cut or extended to ``num_classes`` colours: a class past its end gets a
+    deterministic colour (evenly spaced hues) that no other class and not void has."""
+    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:num_classes]
+    if len(pal) == num_classes:
+        return pal
+    import colorsys
+
+    used = {tuple(int(v) for v in c) for c in pal} | {VOID_COLOR}
+    extra, k = [], 0
+    while len(pal) + len(extra) < num_classes:
+        h = (k * 0.61803398875) % 1.0  # golden-ratio hue steps: well spread for any count
+        c = tuple(int(round(255 * v)) for v in colorsys.hsv_to_rgb(h, 0.75, 0.55 + 0.4 * ((k // 7) % 2)))
+        k += 1
+        if c not in used:
+            used.add(c)
+            extra.append(c)
+    return np.concatenate([pal, np.array(extra, np.uint8).reshape(-1, 3)])
+
+
 def colorize(label: np.ndarray, palette: np.ndarray, void: Optional[tuple] = None) -> np.ndarray:
     """Class ids → RGB; ids outside the palette (void, 255, or the void output) get ``void``
     (default :func:`void_color` of the palette)."""
@@ -90,7 +110,7 @@ def predictions_figure(rows: Sequence[tuple], palette: np.ndarray, num_classes: 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    palette = np.asarray(palette)[:num_classes]
+    palette = full_palette(palette, num_classes)
     void = void_color(palette)
     if class_names is None:
         class_names = _known_class_names(palette, num_classes)
