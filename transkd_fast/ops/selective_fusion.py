@@ -17,6 +17,11 @@ Backward (g = grad of the output)::
     pool: dx = g / HW broadcast (returned as a stride-0 view), dy_low = g / HW · |rows(i)|·|cols(j)|
     fuse: dx = a0 · g,  dy_low = a1 · upᵀ(g),  da0 = Σ_hw g · x,  da1 = Σ_hw g · up(y_low)
 
+Gradients come back in their input's layout (channels_last x / y_low → channels_last dx /
+dy_low; contiguous → contiguous). Source pixels that no dst pixel copies (downsampling) are
+left out of every sum rather than multiplied by a zero count, so an inf or NaN propagates
+exactly where it does through the reference, on every backend.
+
 Backends:
 
 - ``reference``: eager, as the original: materializes ``F.interpolate(y_low, mode="nearest")``.
@@ -129,6 +134,34 @@ def _counts_t(n_in: int, n_out: int, device, dtype: torch.dtype) -> torch.Tensor
                       device)
 
 
+@functools.lru_cache(maxsize=256)
+def _has_empty(n_in: int, n_out: int) -> bool:
+    """Some source index is copied by no dst index (downsampling)."""
+    return bool((np.bincount(_src_np(n_in, n_out), minlength=n_in) == 0).any())
+
+
+def _used_t(n_in: int, n_out: int, device) -> torch.Tensor:
+    """Source indices copied by at least one dst index (cached per device)."""
+    return _on_device(("used", n_in, n_out),
+                      lambda: torch.from_numpy(np.flatnonzero(np.bincount(_src_np(n_in, n_out), minlength=n_in))),
+                      device)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Channels are the fastest axis of the 4-D map ``t`` (channels_last, or 1×1 maps): its
+    gradients are then allocated channels_last. The kernels' tile choice uses the same rule."""
+    B, C, H, W = t.shape
+    if C == 1:
+        return False
+    pixel_stride = t.stride(3) if W > 1 else (t.stride(2) if H > 1 else None)
+    return pixel_stride is None or t.stride(1) < pixel_stride
+
+
+def _empty_map(B: int, C: int, h: int, w: int, channels_last: bool, like: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(B, C, h, w, device=like.device, dtype=like.dtype, memory_format=fmt)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -148,7 +181,16 @@ def _torch_pool_forward(x, y):
         # Σ_dst up(y) = Σ_src y · |rows(i)| · |cols(j)|: never upsample.
         cr = _counts_t(h, H, x.device, acc)
         cc = _counts_t(w, W, x.device, acc)
-        ys = torch.matmul(torch.matmul(y.to(acc), cc), cr)
+        ya = y.to(acc)
+        # Downsampling: source pixels that no dst pixel copies are left out (not multiplied by
+        # a zero count), so an inf or NaN there does not reach the result, as in the reference.
+        if _has_empty(h, H):
+            used = _used_t(h, H, x.device)
+            ya, cr = ya.index_select(2, used), cr.index_select(0, used)
+        if _has_empty(w, W):
+            used = _used_t(w, W, x.device)
+            ya, cc = ya.index_select(3, used), cc.index_select(0, used)
+        ys = torch.matmul(torch.matmul(ya, cc), cr)
     xs = x.sum(dim=(2, 3), dtype=acc)
     return ((xs + ys) / (H * W)).to(x.dtype)
 
@@ -159,12 +201,24 @@ def _pool_dx(g, H, W, dtype):
     return (g.to(_acc_dtype(dtype)) / (H * W)).to(dtype)[:, :, None, None].expand(B, C, H, W)
 
 
-def _torch_pool_backward(g, H, W, h, w):
+def _torch_pool_backward(g, H, W, h, w, channels_last):
     acc = _acc_dtype(g.dtype)
     cr = _counts_t(h, H, g.device, acc)
     cc = _counts_t(w, W, g.device, acc)
-    dy = (g.to(acc) / (H * W))[:, :, None, None] * (cr[:, None] * cc[None, :])
-    return _pool_dx(g, H, W, g.dtype), dy.to(g.dtype)
+    cnt = cr[:, None] * cc[None, :]
+    B, C = g.shape
+    out = _empty_map(B, C, h, w, channels_last, g)  # y_low's layout
+    gs = (g.to(acc) / (H * W))[:, :, None, None]
+    if acc == g.dtype:
+        dy = torch.mul(gs, cnt, out=out)
+    else:
+        dy = gs * cnt
+    if _has_empty(h, H) or _has_empty(w, W):
+        # An empty preimage is an empty sum: 0 even where g is inf or NaN (as the reference).
+        dy.masked_fill_(cnt == 0, 0.0)
+    if dy is not out:
+        out.copy_(dy)
+    return _pool_dx(g, H, W, g.dtype), out
 
 
 def _split_view(t, kh, kw):
@@ -217,7 +271,15 @@ def _torch_fuse_backward(g, x, y, a):
     gs = _adjoint_up(g, h, w, acc)
     dy = torch.mul(gs, a_acc[:, 1, :, None, None], out=torch.empty_like(y))
     da0 = (g.to(acc) * x.to(acc)).sum(dim=(2, 3))
-    da1 = (gs * y.to(acc)).sum(dim=(2, 3))
+    ya = y.to(acc)
+    H, W = x.shape[-2:]
+    if _has_empty(h, H) or _has_empty(w, W):
+        # Source pixels no dst pixel copies have G = 0 and get no gradient: leave them out of
+        # Σ G·y and of a1·G (not 0·y, 0·a1), so an inf or NaN there stays out, as in the reference.
+        unused = (_counts_t(h, H, y.device, acc)[:, None] * _counts_t(w, W, y.device, acc)[None, :]) == 0
+        ya = ya.masked_fill(unused, 0.0)
+        dy.masked_fill_(unused, 0.0)
+    da1 = (gs * ya).sum(dim=(2, 3))
     return dx, dy, torch.stack((da0, da1), dim=1).to(a.dtype)
 
 
@@ -241,9 +303,9 @@ def _triton_pool_forward(x, y):
 
 
 @on_input_device
-def _triton_pool_backward(g, H, W, h, w):
+def _triton_pool_backward(g, H, W, h, w, channels_last):
     B, C = g.shape
-    dy = torch.empty(B, C, h, w, device=g.device, dtype=g.dtype)
+    dy = _empty_map(B, C, h, w, channels_last, g)
     _kernels().pool_backward(g, dy, H, W, _scale(h, H), _scale(w, W))
     return _pool_dx(g, H, W, g.dtype), dy
 
@@ -294,20 +356,21 @@ def _(x, y_low, backend):
 
 
 @torch.library.custom_op("transkd_fast::selective_pool_backward", mutates_args=())
-def _pool_backward_op(grad: torch.Tensor, H: int, W: int, h: int, w: int,
+def _pool_backward_op(grad: torch.Tensor, H: int, W: int, h: int, w: int, channels_last: bool,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _POOL_BACKWARD[backend](grad, H, W, h, w)
+    return _POOL_BACKWARD[backend](grad, H, W, h, w, channels_last)
 
 
 @_pool_backward_op.register_fake
-def _(grad, H, W, h, w, backend):
+def _(grad, H, W, h, w, channels_last, backend):
     B, C = grad.shape
-    return grad.new_empty(B, C, 1, 1).expand(B, C, H, W), grad.new_empty(B, C, h, w)
+    return grad.new_empty(B, C, 1, 1).expand(B, C, H, W), _empty_map(B, C, h, w, channels_last, grad)
 
 
 def _pool_setup(ctx, inputs, output):
     x, y_low, backend = inputs
-    ctx.sizes = (x.shape[-2], x.shape[-1], y_low.shape[-2], y_low.shape[-1])
+    # dy_low comes back in y_low's layout (channels_last in, channels_last out).
+    ctx.sizes = (x.shape[-2], x.shape[-1], y_low.shape[-2], y_low.shape[-1], _channels_last(y_low))
     ctx.backend = backend
 
 
