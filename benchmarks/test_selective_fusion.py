@@ -4,7 +4,8 @@ Each benchmark times one CSF fusion step on the maps of TransKD's B0 student at 
 batch 2, mid = 64: ``p = selective_pool(x, y_low)`` then ``o = selective_fuse(x, y_low, a)``
 (the squeeze MLP between them is not part of the ops), forward only and forward + backward.
 Shapes (x, y_low): [2,64,128,256]/[2,64,64,128], [2,64,64,128]/[2,64,32,64],
-[2,64,32,64]/[2,64,16,32].
+[2,64,32,64]/[2,64,16,32]. Both memory formats: channels_last is what the models hand CSF
+(the kernels then vectorize along C), contiguous NCHW the other layout the kernels are built for.
 
 ``extra_info``: shapes, dtype, device, backend, FLOPs and MODELED bytes (not measured):
 
@@ -60,17 +61,19 @@ def _modeled(x_shape, y_shape, backward: bool, backend: str) -> dict:
     return {"modeled_bytes": elems * e, "flops": flops}
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x{}x{}".format(*s[0][2:]))
-def test_csf_fusion_step(benchmark, shapes, backend, backward):
+def test_csf_fusion_step(benchmark, shapes, backend, backward, layout):
     x_shape, y_shape = shapes
     B, C = x_shape[:2]
-    x = torch.randn(x_shape, device=DEVICE, dtype=DTYPE, requires_grad=backward)
-    y = torch.randn(y_shape, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(x_shape, device=DEVICE, dtype=DTYPE).contiguous(memory_format=fmt).requires_grad_(backward)
+    y = torch.randn(y_shape, device=DEVICE, dtype=DTYPE).contiguous(memory_format=fmt).requires_grad_(backward)
     a = torch.randn(B, 2, C, device=DEVICE, dtype=torch.float32).softmax(dim=1).requires_grad_(backward)
     gp = torch.randn(B, C, device=DEVICE, dtype=DTYPE)
-    go = torch.randn(x_shape, device=DEVICE, dtype=DTYPE)
+    go = torch.randn(x_shape, device=DEVICE, dtype=DTYPE).contiguous(memory_format=fmt)
 
     def step():
         p = selective_pool(x, y, backend=backend)
@@ -81,12 +84,12 @@ def test_csf_fusion_step(benchmark, shapes, backend, backward):
         _sync()
         return o
 
-    # Bounded rounds keep the CPU run short (~1 min for the whole file).
+    # Bounded rounds keep the CPU run short (~2 min for the whole file).
     rounds = 5 if DEVICE.type == "cpu" else 50
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
-    benchmark.group = f"csf-step-{'x'.join(map(str, x_shape))}-{'fwd+bwd' if backward else 'fwd'}"
+    benchmark.group = f"csf-step-{'x'.join(map(str, x_shape))}-{layout}-{'fwd+bwd' if backward else 'fwd'}"
     benchmark.extra_info.update({
-        "device": str(DEVICE), "dtype": str(DTYPE).replace("torch.", ""), "backend": backend,
+        "device": str(DEVICE), "dtype": str(DTYPE).replace("torch.", ""), "backend": backend, "layout": layout,
         "x_shape": list(x_shape), "y_low_shape": list(y_shape), "a_shape": [B, 2, C],
         "threads": torch.get_num_threads(), **_modeled(x_shape, y_shape, backward, backend),
     })
