@@ -152,7 +152,8 @@ def test_foreign_and_partial_weights_are_refused(tmp_path, capsys, b1_run):
 # -- 14: a corrupt PNG in the middle of training ------------------------------------------------
 
 
-def test_corrupt_label_png_is_one_line_naming_the_file(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "1"])  # 1: the error comes back through a DataLoader worker
+def test_corrupt_label_png_is_one_line_naming_the_file(tmp_path, capsys, workers):
     root = tmp_path / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True)
@@ -166,7 +167,7 @@ def test_corrupt_label_png_is_one_line_naming_the_file(tmp_path, capsys):
     (root / "ImageSets/Segmentation/val.txt").write_text("img0\n")
     rc, _, err = run_main(["train", "--dataset", "voc", "--data-root", str(root), "--model", "segformer_b0",
                            "--batch-size", "1", "--steps", "8", "--no-progress", "--no-eval-at-end",
-                           "--output-dir", str(tmp_path / "o")], capsys)
+                           "--num-workers", workers, "--output-dir", str(tmp_path / "o")], capsys)
     assert_one_line_error(rc, err, "img2.png")
 
 
