@@ -243,8 +243,8 @@ _FWD_TILES = {  # (fp32, head dim ≤ 64, Nkv ≤ 32) → configs
     (False, False, True): ((64, _SMALL_NKV, 4, 2),),
     (True, True, False): ((32, 32, 4, 2),),
     (True, True, True): ((32, 32, 4, 2),),
-    (True, False, False): ((32, 32, 4, 2),),
-    (True, False, True): ((32, 32, 4, 2),),
+    (True, False, False): ((32, 32, 8, 2),),
+    (True, False, True): ((32, 32, 8, 2),),
 }
 _DQ_TILES = {
     (False, True, False): ((128, 64, 4, 3), (64, 64, 4, 3)),
