@@ -652,6 +652,7 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
     log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     # Decide before the set-up: a run that would destroy another is refused at once.
     resume = _resolve_resume(cfg, ckpt_path)
+    barrier()  # every rank has looked at the folder before rank 0 changes anything in it
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         if ckpt.get("kind") != kind:
