@@ -234,7 +234,8 @@ class SegFormerHead(nn.Module):
             # In place: acc is a fresh Linear output that autograd does not save, and a new
             # 1/4-resolution buffer per term would cost more than the add (page faults).
             acc.add_(nchw_to_tokens(t))
-        return acc, bn_folded, (int(size[0]), int(size[1]))
+        # Not int(): under torch.export the sizes are symbolic, and int() would specialize them.
+        return acc, bn_folded, (size[0], size[1])
 
     def _train_tail_applies(self, acc: torch.Tensor) -> bool:
         """The fused tail serves plain BatchNorm2d in training with running stats (not the
