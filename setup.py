@@ -34,6 +34,8 @@ setup(
             "ruff",
         ],
         "xformers": ["xformers>=0.0.28"],
+        # transkd-fast export / --verify: ONNX (onnxscript: torch.onnx's exporter), onnxruntime, HF safetensors
+        "deploy": ["onnx>=1.16", "onnxscript", "onnxruntime>=1.17", "safetensors"],
     },
     entry_points={"console_scripts": ["transkd-fast=transkd_fast.cli:main"]},
 )
