@@ -178,3 +178,12 @@ def test_refusals_name_the_problem(tmp_path):
         ex.load_model(str(tmp_path / "junk.pt"))
     with pytest.raises(ex.ExportError, match="opset must be ≥ 17"):
         ex.export_onnx(_random_b0(), str(tmp_path / "m.onnx"), opset=13)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", "--weights", str(tmp_path / "missing.pt"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0] and "missing.pt" in err[0]
+    assert main(["export", "--weights", str(tmp_path / "missing.pt"), "--format", "tflite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'tflite' is not a format" in err[0]

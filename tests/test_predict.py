@@ -127,3 +127,13 @@ def test_refusals_are_one_line_errors(tree, tmp_path):
         collect_inputs([str(imgs / "a.png"), str(tmp_path / "x" / "*.png")])
     loaded = load_model(str(weights))
     assert (loaded.name, loaded.num_outputs, loaded.num_classes, loaded.void) == ("segformer_b0", 20, 19, "class")
+
+
+def test_cli_errors_are_one_line(tree, tmp_path, capsys):
+    _, imgs, weights, _ = tree
+    assert main(["predict", str(tmp_path / "nothing-here"), "--weights", str(weights), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "input not found" in err[0]
+    assert main(["predict", str(imgs), "--weights", str(weights), "--batch-size", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size must be ≥ 1" in err[0]
