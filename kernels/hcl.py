@@ -354,15 +354,17 @@ def num_levels(H: int) -> int:
 # elements, except narrow maps: 16×32 spills on sm_90 (ptxas keeps it at 80 registers), 8×32 does not.
 TILES = ((32, (8, 32)), (64, (8, 64)), (None, (4, 128)))
 # Channels innermost: [BLOCK_W, BLOCK_C] tiles of CL_TILE elements, BLOCK_C = C rounded up to a
-# power of two, at most CL_MAX_C (64 bytes of fp16 per pixel: whole 32-byte sectors; small
-# channel blocks keep the forward's per-channel partial sums few).
+# power of two, at most CL_MAX_C: 16 channels are one whole 32-byte sector of fp16 (two of fp32)
+# per pixel, and small channel blocks give many programs per sample, so the forward fills the GPU
+# with groups of many pixels (its partial sums, 22 fp32 per channel and group, stay few).
 CL_TILE = 512
-CL_MAX_C = 32
-# Grids: split the work until about this many programs per SM run (the forward's row groups
-# write partial sums, so it stops at CL_MIN_GROUP_PIXELS pixels per channel-innermost group).
+CL_MAX_C = 16
+# Grids: split the work until about this many programs per SM run. The forward's groups write
+# partial sums, so a channel-innermost group keeps at least CL_MIN_GROUP_PIXELS pixels (partials
+# ≤ 17% of the fp16 input bytes; the plane kernels' groups are whole rows of long planes).
 FWD_PROGRAMS_PER_SM = 8
 BWD_PROGRAMS_PER_SM = 16
-CL_MIN_GROUP_PIXELS = 512
+CL_MIN_GROUP_PIXELS = 256
 # SMs assumed for CPU tensors (the interpreter): few, so small test maps still take the split paths.
 INTERPRET_SMS = 2
 # Test speed only: the interpreter pays per program iteration, not per element, so under it the

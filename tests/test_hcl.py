@@ -157,16 +157,17 @@ def test_wide_map_several_tiles(backend):
 def test_gpu_tiles_in_interpreter(monkeypatch):
     # The GPU tile shapes and grid splits (run by the interpreter on CPU; on CUDA they are the
     # real ones). Planes: column chunks (W = 300 > 128), row groups + combine, the narrow tile.
-    # Channels innermost: 40 channels = a full and a partial block of 32, 16-pixel column tiles,
-    # a forward split into row groups (combine) and a backward split into row × column bands.
+    # Channels innermost: 40 channels = two full blocks of 16 and a partial one, 32-pixel column
+    # tiles, a forward split into row groups (combine) and a backward split into row × column
+    # bands (the grids below are the interpreter's: 2 SMs assumed for CPU tensors).
     from transkd_fast.kernels import hcl as kernels
 
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
     assert kernels._tile(13, 300) == (4, 128) and kernels._tile(16, 32) == (8, 32)
-    assert kernels._cl_tile(40, 30) == (16, 32) and kernels._cl_tile(5, 9) == (64, 8)
+    assert kernels._cl_tile(40, 30) == (32, 16) and kernels._cl_tile(5, 9) == (64, 8)
     assert kernels._row_groups(1, 2, 13, 4, 16) == (4, 1)
-    assert kernels._cl_groups(2, 30, 40, 16, 16, kernels.CL_MIN_GROUP_PIXELS) == (2, 15, 1, 3)
-    assert kernels._cl_groups(2, 30, 40, 16, 32) == (15, 2, 2, 2)
+    assert kernels._cl_groups(3, 30, 40, 32, 16, kernels.CL_MIN_GROUP_PIXELS) == (4, 8, 1, 2)
+    assert kernels._cl_groups(3, 30, 40, 32, 32) == (10, 3, 2, 1)
     _check([(1, 2, 13, 300), (1, 2, 16, 32), (1, 1, 32, 64), (1, 2, 3, 5)], "triton", ft_grad=True)
     _check([(1, 40, 30, 40), (1, 5, 5, 9)], "triton", ft_grad=True, layout="channels_last")
 
