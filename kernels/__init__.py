@@ -1,7 +1,7 @@
 """Triton kernels of transkd_fast, installed as ``transkd_fast.kernels``.
 
 Each module holds ``@triton.jit`` kernels and their launch helpers for one op, and imports
-nothing from ``transkd_fast``. Each also exposes ``compile_specs()``: the (kernel, signature,
-constexprs, launch options) tuples that ``transkd_fast.compile_check`` builds ahead of time
-for sm_80 and sm_90.
+nothing from ``transkd_fast`` (``_device`` holds the SM count the launchers size grids by).
+``transkd_fast.compile_check`` builds them ahead of time for sm_80 and sm_90 from recorded
+launches: the real op calls, bound by Triton's own binder, never hand-written signatures.
 """

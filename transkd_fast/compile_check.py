@@ -223,8 +223,8 @@ class _CudnnConvLayouts:
 
 def step_calls(batches: Sequence[int] = (2, 1), size: tuple[int, int] = (512, 1024),
                infer_size: tuple[int, int] = (1024, 2048)) -> list[OpCall]:
-    """Op calls of a TransKD-Base / GL / EA step (B2 → B0) and of B0 inference, recorded from
-    the models themselves.
+    """Op calls of a TransKD-Base / GL / EA step (B2 → B0), of the logit-KD and CWD baselines'
+    steps (the KL kernels) and of B0 inference, recorded from the models themselves.
 
     The models run on the ``meta`` device with the ``triton`` backend: every shape, stride and
     storage offset is what the CUDA code path computes (the CPU-only oneDNN paths step aside
@@ -235,6 +235,7 @@ def step_calls(batches: Sequence[int] = (2, 1), size: tuple[int, int] = (512, 10
     import transkd_fast
     from transkd_fast import backend
     from transkd_fast.distill import TransKD
+    from transkd_fast.distill.baselines import CWD, LogitKD
     from transkd_fast.models import build_model
 
     calls: list[OpCall] = []
@@ -253,6 +254,15 @@ def step_calls(batches: Sequence[int] = (2, 1), size: tuple[int, int] = (512, 10
                 with record_op_calls(f"TransKD-{variant} step {H}x{W} batch {b}", calls):
                     kd(images, labels)["loss"].backward()
                 kd.zero_grad(set_to_none=True)
+        # the KL kernels at real shapes: the logit-KD and CWD baselines (batch 2)
+        for name, make in (("LogitKD", lambda st: LogitKD(st, teacher, temperature=4.0)),
+                           ("CWD", lambda st: CWD(st, teacher, temperature=4.0))):
+            with torch.device(meta):
+                kd = make(build_model("segformer_b0", num_classes=20)).train()
+            images = torch.empty(batches[0], 3, H, W, device=meta)
+            labels = torch.empty(batches[0], H // 4, W // 4, dtype=torch.long, device=meta)
+            with record_op_calls(f"{name} step {H}x{W} batch {batches[0]}", calls):
+                kd(images, labels)["loss"].backward()
         with torch.device(meta):
             model = build_model("segformer_b0", num_classes=20).eval()
         with torch.no_grad(), record_op_calls(f"B0 inference {infer_size[0]}x{infer_size[1]}", calls):
