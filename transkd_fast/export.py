@@ -17,15 +17,16 @@ Formats (``transkd-fast export --format onnx,hf,torch-export``), SegFormer B0–
   PyTorch alone, transkd_fast not installed. Batch ≥ 1 and height, width ≥ :data:`MIN_SIZE`
   (the program's guards: every attention grid holds more than one row and column).
 - ``hf``: a folder ``SegformerForSemanticSegmentation.from_pretrained(folder)`` loads offline:
-  ``config.json``, ``model.safetensors`` (transformers' own naming) and a
+  ``config.json``, ``model.safetensors`` (the hub's naming, which transformers 4 and 5 read) and a
   ``preprocessor_config.json`` that feeds the model what it was trained on. Hugging Face's
   SegFormer uses LayerNorm eps 1e-5 in every block, where NVlabs (and our default) use 1e-6:
-  logits then differ by a few 1e-6 relative, not more (measured by ``--verify``).
+  logits then differ slightly (4e-6 relative on a random B0; ``--verify`` measures it); a model
+  built with ``norm_eps=1e-5`` (as Hugging Face checkpoints load) matches to rounding.
 
-The graphs are traced with the ``reference`` backend in force, so transkd_fast's custom ops
+The ONNX and torch.export graphs are traced with the ``reference`` backend in force, so transkd_fast's custom ops
 (``transkd_fast::efficient_attention`` …) are recorded as the plain ATen ops they stand for, and
 the CPU oneDNN fast paths (``mkldnn`` ops no other runtime has) step aside; nobody has to pick a
-backend by hand. The decode head is the folded one (the 4E-channel concat and its 1×1 conv
+backend by hand. Their decode head is the folded one (the 4E-channel concat and its 1×1 conv
 composed into per-stage Linears, BatchNorm folded in): eval-mode logits equal the original head's.
 
 Inputs are what the model saw in training: RGB in [0, 1], ImageNet mean/std normalized if it was
