@@ -248,14 +248,6 @@ def _selective_fuse_bwd_kernel(
         r1 = _first_dst(i + 1, h, H, scale_h)
         q0 = _first_dst(j, w, W, scale_w)
         q1 = _first_dst(j + 1, w, W, scale_w)
-        i64 = i.to(tl.int64)
-        j64 = j.to(tl.int64)
-        # y_low counts only where the preimage is not empty: elsewhere G = 0 and the term must be
-        # exactly 0 (not 0·y). Selected after the load, so that the load keeps its plain mask and
-        # stays vectorizable.
-        used = ((r1 > r0) & (q1 > q0))[:, None]
-        yv = tl.load(y_base + (i64 * syh + j64 * syw)[:, None], mask=m, other=0.0).to(tl.float32)
-        yv = tl.where(used, yv, 0.0)
         gsum = tl.zeros([BPIX, BC], dtype=tl.float32)
         for kh in range(0, KH):
             r = r0 + kh
@@ -271,9 +263,16 @@ def _selective_fuse_bwd_kernel(
                          mask=mm)
                 gsum += gv
                 acc_gx += gv * xv
-        dyv = tl.where(used, a1 * gsum, 0.0)  # 0 where no dst pixel copies the source, even if a1 is NaN
-        tl.store(dy_base + (i64 * sdyh + j64 * sdyw)[:, None], dyv.to(dy_ptr.dtype.element_ty), mask=m)
-        acc_gy += gsum * yv
+        # Where no dst pixel copies the source (empty preimage), G = 0 and both dy_low and the
+        # y_low term must be exactly 0, not 0·a1 or 0·y: selected, so a NaN there stays out. The
+        # load keeps its plain mask (vectorizable) and comes after the loop (shorter live range).
+        used = ((r1 > r0) & (q1 > q0))[:, None]
+        i64 = i.to(tl.int64)
+        j64 = j.to(tl.int64)
+        tl.store(dy_base + (i64 * sdyh + j64 * sdyw)[:, None],
+                 tl.where(used, a1 * gsum, 0.0).to(dy_ptr.dtype.element_ty), mask=m)
+        yv = tl.load(y_base + (i64 * syh + j64 * syw)[:, None], mask=m, other=0.0).to(tl.float32)
+        acc_gy += tl.where(used, gsum * yv, 0.0)
     row0 = (b * 2 * C + c) * n_split + sid
     tl.store(ws_ptr + row0, tl.sum(acc_gx, axis=0), mask=cm)
     tl.store(ws_ptr + row0 + C * n_split, tl.sum(acc_gy, axis=0), mask=cm)
