@@ -54,7 +54,8 @@ def test_backbone_param_counts_and_configs():
         assert [b5.block1[0].mlp.fc1.out_features, b5.block3[0].mlp.fc1.out_features] == [4 * 64, 4 * 320]
         b0 = pvt_v2_b0()
         assert [b0.block1[0].mlp.fc1.out_features, b0.block3[0].mlp.fc1.out_features] == [8 * 32, 4 * 160]
-    assert sorted(MODELS) == sorted([f"segformer_b{i}" for i in range(6)] + [f"pvt_v2_b{i}" for i in range(6)] + ["lvt"])
+    zoo = [f"segformer_b{i}" for i in range(6)] + [f"pvt_v2_b{i}" for i in range(6)] + ["lvt"]
+    assert sorted(MODELS) == sorted(zoo)
     with pytest.raises(ValueError, match="unknown model 'segformer_b9'"):
         build_model("segformer_b9")
 
