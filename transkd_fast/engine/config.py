@@ -135,7 +135,11 @@ def _check(cfg, name: str, ok, what: str) -> None:
 
 
 def _choice(cfg, name: str, choices) -> None:
-    _check(cfg, name, lambda v: v in choices, " | ".join(map(str, choices)))
+    v = getattr(cfg, name)
+    if v is not None and v not in choices:
+        names = [repr(c) for c in choices]
+        what = ", ".join(names[:-1]) + " or " + names[-1]
+        raise ConfigError(f"{_flag(name)}: {name} must be {what}, got {v!r}")
 
 
 def _finite(v) -> bool:

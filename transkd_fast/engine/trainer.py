@@ -75,7 +75,7 @@ from transkd_fast.engine.distributed import (
     init_distributed,
     is_distributed,
 )
-from transkd_fast.engine.metrics import ConfusionMatrix
+from transkd_fast.engine.metrics import ConfusionMatrix, json_safe
 from transkd_fast.engine.viz import plot_curves, save_predictions
 from transkd_fast.runtime import tune_cpu_allocator
 
@@ -94,26 +94,8 @@ class RunInterrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
-def json_safe(obj):
-    """``obj`` with every NaN/inf float as ``None`` (JSON ``null``), tuples as lists, numpy/torch scalars
-    as Python numbers: what ``json.dumps(..., allow_nan=False)`` accepts."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    if torch.is_tensor(obj) and obj.numel() == 1:
-        return json_safe(obj.item())
-    return obj
-
-
 def json_dumps(obj, **kwargs) -> str:
-    """Strict JSON (NaN/inf → null)."""
+    """Strict JSON: NaN/inf written as null (:func:`~transkd_fast.engine.metrics.json_safe`)."""
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
