@@ -4,7 +4,7 @@ the tests' odd sizes, fp32/fp16/bf16, both layouts) for sm_80 and sm_90, with no
 failure.
 
 Cheap when current: the report records the sha256 of everything that decides the launches
-(kernels, launchers, the harness, the models and KD modules it records from). When the report
+(kernels, launchers, the harness, and the op calls recorded from the models on meta). When the report
 is missing or stale, or ``TRANSKD_REBUILD_COMPILE_REPORT=1``, the full check runs here (both
 archs in parallel processes), rewrites the report and fails on any spill or error: commit the
 new file. The per-op test files compile their odd-size launches live in every run.
@@ -32,12 +32,16 @@ def test_hash_line_round_trips():
     assert "transkd-fast report --compile" in text
 
 
-def test_hashes_cover_launchers_and_models():
+def test_hashes_cover_launchers_and_the_recorded_calls(monkeypatch):
+    from transkd_fast import compile_check as cc
+
     ops = reports.present_kernel_ops()
     hashes = reports.kernel_hashes(ops)
-    assert set(hashes) == set(ops) | {"launch_sources"}
-    assert "transkd_fast.models.mit" in reports._LAUNCH_SOURCES and "transkd_fast.distill.csf" in \
-        reports._LAUNCH_SOURCES
+    assert set(hashes) == set(ops) | {"harness", "calls"}
+    # a change in what the models hand the ops (one more recorded call) makes the report stale
+    real = cc.odd_calls
+    monkeypatch.setattr(cc, "odd_calls", lambda: real()[:-1])
+    assert reports.kernel_hashes(ops)["calls"] != hashes["calls"]
 
 
 def test_compile_report_is_current_and_has_no_spills():

@@ -355,7 +355,9 @@ def replay(call: OpCall, dtype: str, layout: str) -> None:
         outs = [o for o in (out if isinstance(out, (list, tuple)) else [out])
                 if isinstance(o, torch.Tensor) and o.requires_grad]
         if outs:
-            torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs])
+            # incoming gradients in their outputs' layouts (channels_last maps get channels_last grads)
+            grads = [torch.empty_like(o).copy_(torch.randn(o.shape, generator=gen)) for o in outs]
+            torch.autograd.backward(outs, grads)
 
 
 # ---------------------------------------------------------------------------------------

@@ -137,20 +137,19 @@ def present_kernel_ops() -> tuple[str, ...]:
     return tuple(op for op in KERNEL_OPS if importlib.util.find_spec(f"transkd_fast.kernels.{op}") is not None)
 
 
-# What decides the recorded launches besides the kernels: the launchers (ops), the harness,
-# and the models and KD modules whose op calls the check records.
-_LAUNCH_SOURCES = ("transkd_fast.compile_check", "transkd_fast.kernels._device", "transkd_fast.models.mit",
-                   "transkd_fast.models.segformer", "transkd_fast.distill.csf", "transkd_fast.distill.transkd",
-                   "transkd_fast.distill.losses", "transkd_fast.distill.gl_mixer", "transkd_fast.distill.ea")
 _OP_MODULES = {"attention": "attention", "selective_fusion": "selective_fusion", "hcl": "hcl", "kl_div": "kl_div",
                "weighted_mse": "weighted_mse"}
 
 
 def kernel_hashes(ops: Sequence[str]) -> dict[str, str]:
-    """sha256 (first 16 hex digits) of each op's kernel and launcher sources, and of everything
-    else that decides the recorded launches (:data:`_LAUNCH_SOURCES`)."""
+    """sha256 (first 16 hex digits) of what decides the recorded launches: each op's kernel and
+    launcher sources, the harness, and the recorded op calls themselves (shapes, strides, offsets
+    and arguments of every call the step and odd suites make — recorded on meta, seconds), so a
+    model change that changes what the ops receive makes the report stale too."""
     import hashlib
     import importlib.util
+
+    from transkd_fast import compile_check
 
     def digest(*mods: str) -> str:
         h = hashlib.sha256()
@@ -159,7 +158,9 @@ def kernel_hashes(ops: Sequence[str]) -> dict[str, str]:
         return h.hexdigest()[:16]
 
     out = {op: digest(f"transkd_fast.kernels.{op}", f"transkd_fast.ops.{_OP_MODULES[op]}") for op in ops}
-    out["launch_sources"] = digest(*_LAUNCH_SOURCES)
+    out["harness"] = digest("transkd_fast.compile_check", "transkd_fast.kernels._device")
+    calls = compile_check.collect_calls(tuple(ops), compile_check.SUITES, progress=False)
+    out["calls"] = hashlib.sha256(repr(sorted(repr(c.key()) for c, _ in calls)).encode()).hexdigest()[:16]
     return out
 
 
