@@ -567,8 +567,7 @@ def run(ops: Sequence[str] = KERNEL_OPS, archs: Sequence[int] = ARCHS, suites: S
             for call, cases in calls:
                 for dtype in dtypes:
                     for layout in _layouts(call):
-                        rec.case = f"{cases[0]}{f' (+{len(cases) - 1})' if len(cases) > 1 else ''} | " \
-                                   f"{call.fn} {dtype} {layout}"
+                        rec.case = f"{'; '.join(cases)} | {call.fn} {dtype} {layout}"
                         n = len(rec.builds)
                         try:
                             replay(call, dtype, layout)
@@ -626,7 +625,8 @@ def markdown(rows: list[dict]) -> str:
     ]
     for r in sorted(rows, key=lambda r: (r["op"], r["kernel"], r.get("config", ""), r.get("specialized", ""),
                                          r["arch"])):
-        case = r["cases"][0].replace("|", "/") if r["cases"] else ""
+        first = r["cases"][0].split(" | ") if r["cases"] else [""]
+        case = (first[0].split("; ")[0] + (" / " + first[1] if len(first) > 1 else "")).replace("|", "/")
         if "error" in r:
             err = r["error"].splitlines()[0][:160].replace("|", "/")
             lines.append(f"| {r['op']} | {r['kernel']} | {r.get('config', '')} | {r.get('specialized', '')} | "
@@ -639,6 +639,13 @@ def markdown(rows: list[dict]) -> str:
                          f"{len(r['cases'])} | {case} |")
     bad = bad_rows(rows)
     lines += ["", f"{len(rows)} builds, {len(bad)} with spills or failures."]
+    cases: dict[str, set] = {}
+    for i, r in enumerate(rows):
+        for c in r["cases"]:
+            for name in c.split(" | ")[0].split("; "):
+                cases.setdefault(name, set()).add(i)
+    lines += ["", "Builds per recorded case (a build serves every case that launches it):", ""]
+    lines += [f"- {name}: {len(ids)}" for name, ids in sorted(cases.items())]
     return "\n".join(lines) + "\n"
 
 
