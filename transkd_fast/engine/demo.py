@@ -496,10 +496,10 @@ def _report_lines(cfg: DemoConfig, rows: list, summary: dict, bench: Optional[di
     for r in rows:
         params = f"{r['params_m']:.2f}" + (f" ({r['train_params_m']:.2f})" if "train_params_m" in r else "")
         sps = f"{r['train_s_per_step']:.3f}" if r["train_s_per_step"] is not None else "-"
-        out.append(f"{r['network']:<{w}}{r['seed']:>5}{params:>14}{r['gflops']['full']:>13.3f}"
-                   f"{r['gflops']['paper']:>14.3f}{sps:>8}{100 * r['miou']:>10.2f}{100 * r['miou_full']:>11.2f}")
+        out.append(f"{r['network']:<{w}}{r['seed']:>5}{params:>14}{r['gflops']['full']:>13.4f}"
+                   f"{r['gflops']['paper']:>14.4f}{sps:>8}{100 * r['miou']:>10.2f}{100 * r['miou_full']:>11.2f}")
     out.append("(params in parentheses: the student with its KD modules, as trained; the deployed student drops them)")
-    short = [n if len(n) <= 12 else n[:12] for n in names]
+    short = names
     cw = max(9, max(len(n) for n in short) + 1)
     out.append("")
     out.append("Per-class IoU (%), 1/4 resolution:")
