@@ -94,7 +94,11 @@ def test_onnx_runs_in_onnxruntime_at_any_batch_and_size(exported):
 def test_onnx_verify_fails_on_other_weights(exported):
     _need_onnx()
     model, out = exported
+    # every test starts from seed 0 (conftest), as did the test that built the fixture's model:
+    # another seed, or `other` would be the very same model
+    torch.manual_seed(12345)
     other = _random_b0()
+    assert not torch.equal(other.decode_head.linear_pred.weight, model.decode_head.linear_pred.weight)
     with pytest.raises(ex.ExportError, match=r"ONNX verification failed: relative logit difference .* > 1e-04"):
         ex.verify_onnx(str(out / "model.onnx"), other)
     diffs = ex.verify_onnx(str(out / "model.onnx"), model)
