@@ -42,7 +42,9 @@ HELP = {
     "data_seed": "synthetic: dataset seed",
     "label_resize": "resize (nearest) labels whose size differs from their image's instead of refusing them",
     "acdc_conditions": "acdc: comma-separated conditions to read, e.g. fog,night (default: fog,night,rain,snow)",
-    "model": "segformer_b0..b5 | pvt_v2_b0..b5",
+    "crop_size": "training crop of the random scale + crop + pad pipeline, for images of different sizes "
+                 "(default: the dataset's, 512 with scales 0.5-2 for voc; none for fixed-size datasets)",
+    "model": "segformer_b0..b5 | pvt_v2_b0..b5 | lvt",
     "weights": "initial weights (train/distill: the student's) or weights to evaluate "
                "(model.pt, last.pt, NVlabs/TransKD/mmseg/HF checkpoints)",
     "drop_path_rate": "stochastic depth rate of the backbone",

@@ -45,6 +45,7 @@ class DataConfig:
     data_seed: int = 0
     label_resize: bool = False            # resize labels whose size differs from their image's (else refused)
     acdc_conditions: Optional[str] = None  # acdc only: comma-separated, e.g. "fog,night" (default: all four)
+    crop_size: Optional[int] = None       # training crop of the scale/crop/pad pipeline (default: the dataset's)
 
 
 @dataclass

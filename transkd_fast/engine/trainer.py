@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.data import SegTransform, build_dataset
+from transkd_fast.data import SegTransform, build_dataset, pad_collate
 from transkd_fast.data.sampler import ShardedEvalSampler, StepBatchSampler
 from transkd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from transkd_fast.engine.checkpoint import (
@@ -138,13 +138,21 @@ class DataInfo:
     std: Optional[tuple]
 
 
-def make_transform(cfg, train: bool, num_classes: int, label_scale: Optional[int] = None) -> SegTransform:
+def make_transform(cfg, train: bool, num_classes: int, label_scale: Optional[int] = None,
+                   ds=None) -> SegTransform:
+    """The run's transform; in training, datasets of varying image sizes (``ds.default_crop_size``,
+    VOC) or ``--crop-size`` get the random scale + crop + pad pipeline (padding is void)."""
     if cfg.void not in ("class", "ignore"):
         raise ValueError(f"void must be 'class' or 'ignore', got {cfg.void!r}")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize else (None, None)
+    crop = scale = None
+    if train:
+        crop = getattr(cfg, "crop_size", None) or getattr(ds, "default_crop_size", None)
+        scale = getattr(ds, "default_scale_range", None) if crop is not None else None
     return SegTransform(height=cfg.height, train=train, label_scale=label_scale or cfg.label_scale,
                         max_translate=cfg.max_translate, hflip=cfg.hflip,
-                        void_id=num_classes if cfg.void == "class" else None, mean=mean, std=std)
+                        void_id=num_classes if cfg.void == "class" else None, mean=mean, std=std,
+                        crop_size=crop, scale_range=scale)
 
 
 def _accepts(fn, name: str) -> bool:
@@ -167,7 +175,7 @@ def make_dataset(cfg, split: str, train: bool, label_scale: Optional[int] = None
             raise ConfigError("--label-resize: this version of transkd_fast.data has no label resizing")
         kwargs["label_resize"] = bool(getattr(cfg, "label_resize", False))
     ds = build_dataset(cfg.dataset, split, root=cfg.data_root, **kwargs)
-    ds.transform = make_transform(cfg, train, ds.num_classes, label_scale)
+    ds.transform = make_transform(cfg, train, ds.num_classes, label_scale, ds=ds)
     return ds
 
 
@@ -325,8 +333,9 @@ def evaluate(model_or_cfg: Union[nn.Module, EvalConfig], loader=None, *, num_cla
 
 def _eval_loader(ds, batch_size: int, num_workers: int = 0):
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    # pad_collate: images of different sizes (VOC) share a batch; the padding is void, never counted
     return torch.utils.data.DataLoader(ds, batch_sampler=ShardedEvalSampler(len(ds), batch_size, rank, world),
-                                       num_workers=num_workers)
+                                       num_workers=num_workers, collate_fn=pad_collate)
 
 
 def _vis_rows(model, ds, n: int, device, amp) -> list:
@@ -757,7 +766,7 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
     sampler = StepBatchSampler(len(train_ds), cfg.batch_size, total, seed=cfg.seed, start_step=start_step,
                                rank=rank, world_size=world)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda",
+                                         pin_memory=device.type == "cuda", collate_fn=pad_collate,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     # Everything random from here on (dropout, drop path) comes from the global generators,
     # seeded per rank: masks are drawn independently on each rank (see the module docstring).
