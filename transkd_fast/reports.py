@@ -117,7 +117,9 @@ def _run_report(args: argparse.Namespace) -> int:
         result["model"] = {**rep.as_dict(), "original_full": orig.full, "original_paper": orig.paper}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
+        from transkd_fast.engine.metrics import json_safe
+
+        args.json.write_text(json.dumps(json_safe(result), indent=1, default=str, allow_nan=False))
     return 0
 
 
