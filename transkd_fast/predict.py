@@ -47,20 +47,6 @@ def _known() -> dict:
             "voc": (VOC_CLASSES, VOC_PALETTE)}
 
 
-def bit_palette(n: int) -> np.ndarray:
-    """n distinct colours (the VOC bit-interleaving scheme), for classes of no known dataset."""
-    pal = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
-
-
 def dataset_classes(num_classes: int, dataset: Optional[str] = None) -> tuple[Optional[Sequence[str]], np.ndarray]:
     """Class names and palette: ``dataset``'s, else those of the one known dataset with
     ``num_classes`` classes (Cityscapes 19, VOC 21, synthetic 9), else (None, a bit palette)."""
@@ -76,6 +62,8 @@ def dataset_classes(num_classes: int, dataset: Optional[str] = None) -> tuple[Op
     match = [v for k, v in known.items() if len(v[0]) == num_classes and k != "acdc"]
     if len(match) == 1:
         return match[0][0], np.asarray(match[0][1])
+    from transkd_fast.data.voc import bit_palette
+
     return None, bit_palette(num_classes)
 
 

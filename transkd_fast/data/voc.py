@@ -22,8 +22,9 @@ VOC_CLASSES = (
 )
 
 
-def _voc_palette(n: int = 21) -> np.ndarray:
-    """The VOC colormap: class index bits spread over the high bits of R, G, B."""
+def bit_palette(n: int = 21) -> np.ndarray:
+    """The VOC colormap: class index bits spread over the high bits of R, G, B (n distinct colours;
+    also the palette for classes of no known dataset)."""
     pal = np.zeros((n, 3), np.uint8)
     for i in range(n):
         c, r, g, b = i, 0, 0, 0
@@ -36,7 +37,7 @@ def _voc_palette(n: int = 21) -> np.ndarray:
     return pal
 
 
-VOC_PALETTE = _voc_palette()
+VOC_PALETTE = bit_palette()
 
 VOC_LAYOUT = """  <root>/JPEGImages/<id>.jpg
   <root>/SegmentationClass/<id>.png          (palette PNG: index = class, 255 = void)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transkd_fast.models.mit import DropPath
-from transkd_fast.models.segformer import SegFormerHead
+from transkd_fast.models.segformer import BackboneHead
 from transkd_fast.ops.attention import efficient_attention
 
 # The original's ``lvt`` class (train/models/lvt/backbone.py) and its TransKD scripts' RASA settings.
@@ -331,7 +331,7 @@ class LVTBackbone(nn.ModuleList):
         return features, embeds
 
 
-class LVT(nn.Module):
+class LVT(BackboneHead):
     """LVT backbone (:class:`LVTBackbone`) + SegFormer All-MLP head (``decode_head``, decoder width 256).
 
     Same contract as :class:`~transkd_fast.models.segformer.SegFormer`; ``embed_dims`` are the
@@ -339,19 +339,7 @@ class LVT(nn.Module):
 
     def __init__(self, backbone: LVTBackbone, num_classes: int = 19, decoder_dim: int = 256,
                  dropout: float = 0.0, variant: str = "lvt"):
-        super().__init__()
-        self.backbone = backbone
-        self.decode_head = SegFormerHead(backbone.embed_dims, decoder_dim, num_classes, dropout)
-        self.embed_dims = list(backbone.embed_dims)
-        self.num_classes = num_classes
-        self.variant = variant
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        features, embeds = self.backbone(x)
-        logits = self.decode_head(features)
-        if return_features:
-            return features, logits, embeds
-        return logits
+        super().__init__(backbone, num_classes, decoder_dim, dropout, variant)
 
 
 def lvt(num_classes: int = 19, drop_path_rate: float = 0.0, dropout: Optional[float] = None,

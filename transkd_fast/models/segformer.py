@@ -273,17 +273,11 @@ class SegFormerHead(nn.Module):
         return tokens_to_nchw(logits, H, W).contiguous()
 
 
-class SegFormer(nn.Module):
-    """SegFormer = ``backbone`` (MiT) + ``decode_head`` (:class:`SegFormerHead`).
+class BackboneHead(nn.Module):
+    """A backbone with ``embed_dims`` + :class:`SegFormerHead` as ``decode_head``: the forward
+    contract every distiller reads (see :class:`SegFormer`). Shared by SegFormer and LVT."""
 
-    - ``model(x)`` → logits ``[B, num_classes, ⌈H/4⌉, ⌈W/4⌉]``.
-    - ``model(x, return_features=True)`` → ``(stage_features, logits, patch_embeddings)``: 4 NCHW
-      stage outputs (after ``norm{i}``) and 4 ``[B, N_i, C_i]`` patch-embedding token sequences.
-    - ``model.backbone(x)`` → ``(stage_features, patch_embeddings)``; ``model.decode_head(features)`` → logits.
-    """
-
-    def __init__(self, backbone: MixVisionTransformer, num_classes: int = 19, decoder_dim: int = 256,
-                 dropout: float = 0.1, variant: str = ""):
+    def __init__(self, backbone: nn.Module, num_classes: int, decoder_dim: int, dropout: float, variant: str):
         super().__init__()
         self.backbone = backbone
         self.decode_head = SegFormerHead(backbone.embed_dims, decoder_dim, num_classes, dropout)
@@ -297,6 +291,20 @@ class SegFormer(nn.Module):
         if return_features:
             return features, logits, embeds
         return logits
+
+
+class SegFormer(BackboneHead):
+    """SegFormer = ``backbone`` (MiT) + ``decode_head`` (:class:`SegFormerHead`).
+
+    - ``model(x)`` → logits ``[B, num_classes, ⌈H/4⌉, ⌈W/4⌉]``.
+    - ``model(x, return_features=True)`` → ``(stage_features, logits, patch_embeddings)``: 4 NCHW
+      stage outputs (after ``norm{i}``) and 4 ``[B, N_i, C_i]`` patch-embedding token sequences.
+    - ``model.backbone(x)`` → ``(stage_features, patch_embeddings)``; ``model.decode_head(features)`` → logits.
+    """
+
+    def __init__(self, backbone: MixVisionTransformer, num_classes: int = 19, decoder_dim: int = 256,
+                 dropout: float = 0.1, variant: str = ""):
+        super().__init__(backbone, num_classes, decoder_dim, dropout, variant)
 
 
 def segformer(variant: str, num_classes: int = 19, decoder_dim: int | None = None, dropout: float = 0.1,
