@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.models.mit import DropPath
+from transkd_fast.models.mit import DropPath, init_linear_norm_
 from transkd_fast.models.segformer import BackboneHead
 from transkd_fast.ops.attention import efficient_attention
 
@@ -73,17 +73,6 @@ def _init_conv_fan_out_(conv: nn.Conv2d) -> None:
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
-
-
-def _init_lvt_(m: nn.Module) -> None:
-    """The original model-level init: Linear trunc_normal(std .02) with zero bias; LayerNorm (1, 0)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -354,5 +343,5 @@ def lvt(num_classes: int = 19, drop_path_rate: float = 0.0, dropout: Optional[fl
     cfg.update(kwargs)
     backbone = LVTBackbone(drop_path_rate=drop_path_rate, **cfg)
     model = LVT(backbone, num_classes, decoder_dim, drop_path_rate if dropout is None else dropout)
-    model.apply(_init_lvt_)
+    model.apply(init_linear_norm_)  # the original model-level init (its convs init themselves)
     return model

@@ -62,9 +62,8 @@ def nchw_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
-def init_nvlabs_(m: nn.Module) -> None:
-    """NVlabs/PVT init: Linear trunc_normal(std .02), zero bias; LayerNorm (1, 0);
-    Conv2d normal(0, sqrt(2 / fan_out)) with fan_out = k_h·k_w·out / groups, zero bias."""
+def init_linear_norm_(m: nn.Module) -> bool:
+    """Linear trunc_normal(std .02) with zero bias; LayerNorm (1, 0). True when ``m`` was one of them."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -72,7 +71,17 @@ def init_nvlabs_(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
+    else:
+        return False
+    return True
+
+
+def init_nvlabs_(m: nn.Module) -> None:
+    """NVlabs/PVT init: :func:`init_linear_norm_`, and Conv2d normal(0, sqrt(2 / fan_out)) with
+    fan_out = k_h·k_w·out / groups, zero bias."""
+    if init_linear_norm_(m):
+        return
+    if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
