@@ -61,6 +61,22 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "eps": "AdamW epsilon",
     "poly_power": "polynomial decay power: lr * (1 - step/steps)^power",
+    "lr_schedule": "poly: lr * (1 - step/steps)^power every step, to 0 at the end | poly-epoch: the original's "
+                   "PolynomialLRDecay, stepped once per epoch over --max-decay-steps epochs",
+    "max_decay_steps": "poly-epoch: epochs over which the lr decays (the original: 1500)",
+    "steps_per_epoch": "poly-epoch: optimizer steps per epoch (default: the training loader's length)",
+    "embed_stages": "TransKD embedding loss stages: all (the paper) | none | 1..4 (one stage, the original's --embed k)",
+    "cwd_norm": "CWD normalisation: channel (softmax over H*W per channel) | channel_mean (the original's option)",
+    "cwd_divergence": "CWD divergence: kl | mse (the original's option)",
+    "tensorboard": "also write TensorBoard event files to <output-dir>/tensorboard (needs the tensorboard package)",
+    "protocol": "ours (--resolution) | transkd (the original: labels at 1/4, its resize and 19-class mIoU) | "
+                "full (logits upsampled to full-resolution labels)",
+    "inference": "whole (one forward per image) | slide (crops --slide-crop every --slide-stride, logits averaged)",
+    "slide_crop": "slide: square crop size in pixels",
+    "slide_stride": "slide: stride in pixels",
+    "tta": "multi-scale (--tta-scales) + horizontal flip test-time augmentation, logits averaged",
+    "tta_scales": "tta: comma-separated scales",
+    "precision": "fp32 | bf16 (weights and activations in bfloat16, any device)",
     "grad_clip": "clip the gradient norm (default: no clipping)",
     "amp": "none | bf16 | fp16 (CUDA only)",
     "seed": "seed of initialization, data order and augmentation",
@@ -89,7 +105,8 @@ HELP = {
                              "a teacher with a logit loss, no decode head)",
 }
 
-DISTILL_ONLY = {"teacher", "teacher_weights", "method", "distill_kwargs"}
+DISTILL_ONLY = {"teacher", "teacher_weights", "method", "distill_kwargs", "embed_stages", "cwd_norm",
+                "cwd_divergence"}
 
 
 def _base_type(tp):

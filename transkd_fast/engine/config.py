@@ -68,6 +68,9 @@ class TrainConfig(DataConfig):
     teacher_weights: Optional[str] = None
     method: str = "transkd_base"           # a transkd_fast.distill.DISTILLERS name
     distill_kwargs: dict = field(default_factory=dict)
+    embed_stages: str = "all"              # TransKD embedding loss: "all" | "none" | "1".."4" (the original's --embed)
+    cwd_norm: str = "channel"              # CWD feature loss normalisation: "channel" | "channel_mean" (original's options)
+    cwd_divergence: str = "kl"             # CWD divergence: "kl" | "mse"
     # optimization
     steps: int = 1000
     batch_size: int = 2
@@ -77,6 +80,9 @@ class TrainConfig(DataConfig):
     weight_decay: float = 0.01
     eps: float = 1e-8
     poly_power: float = 1.0
+    lr_schedule: str = "poly"              # "poly" (per step, to 0 at the last) | "poly-epoch" (the original's)
+    max_decay_steps: int = 1500            # poly-epoch: decay length in epochs (the original: 1500)
+    steps_per_epoch: Optional[int] = None  # poly-epoch: optimizer steps per epoch (default: the train loader's length)
     grad_clip: Optional[float] = None
     amp: str = "none"                      # "none" | "bf16" | "fp16" (CUDA only)
     seed: int = 0
@@ -100,6 +106,7 @@ class TrainConfig(DataConfig):
     extend_steps: bool = False             # on resume, accept a larger --steps than the checkpoint's run
     threads: Optional[int] = None          # torch.set_num_threads (default: PyTorch's choice)
     allow_partial_weights: bool = False    # accept weight files that load < 90 % of the model's tensors
+    tensorboard: bool = False              # also write TensorBoard event files to <output_dir>/tensorboard
 
 
 @dataclass
@@ -108,6 +115,13 @@ class EvalConfig(DataConfig):
     weights: Optional[str] = None
     split: str = "val"
     resolution: str = "both"               # "quarter" (paper) | "full" | "both"
+    protocol: str = "ours"                 # "ours" (--resolution) | "transkd" (the original's) | "full"
+    inference: str = "whole"               # "whole" | "slide" (crops of --slide-crop every --slide-stride)
+    slide_crop: int = 1024
+    slide_stride: int = 768
+    tta: bool = False                      # multi-scale (--tta-scales) + horizontal flip, logits averaged
+    tta_scales: str = "0.5,0.75,1.0,1.25,1.5,1.75"
+    precision: str = "fp32"                # "fp32" | "bf16" (any device)
     batch_size: int = 8
     device: str = "auto"
     amp: str = "none"
