@@ -126,18 +126,38 @@ def test_kd_count_splits_exactly_into_student_and_kd_modules(nets):
 
 
 def test_zoo_matches_the_paper_and_the_original_counts():
-    """design §1 at 512×1024, 20 classes, every row traced at full size (≈9 s on one idle core):
+    """design §1 at 512×1024, 20 classes, every row traced at full size (≈12 s on one idle core):
     params to 0.01 M, GFLOPs within 1% of the original code's fvcore counts, full and without
-    the attention matmuls, for teacher B2, student B0 and TransKD-Base/GL/EA."""
-    rows = flops.zoo((512, 1024))
-    assert [r["key"] for r in rows] == ["teacher", "student", "base", "gl", "ea"]
-    for r in rows:
-        assert round(r["params"] / 1e6, 2) == r["paper_params_m"], r
+    the attention matmuls, for teacher B2, student B0, TransKD-Base/GL/EA and the original's LVT;
+    B2 → LVT TransKD-Base has no published or original count, so its rows are checked by parts."""
+    rows = {r["key"]: r for r in flops.zoo((512, 1024))}
+    assert list(rows) == ["teacher", "student", "base", "gl", "ea", "lvt", "lvt_base"]
+    for r in rows.values():
+        if r["paper_params_m"] is not None:
+            assert round(r["params"] / 1e6, 2) == r["paper_params_m"], r
         for conv, orig in (("full", r["orig_full"]), ("paper", r["orig_paper"])):
+            if orig is None:
+                continue
             g = r[conv] / 1e9
             assert abs(g - orig) <= 0.01 * orig, (r["key"], conv, g, orig)
             assert abs(g - orig) <= 0.006, (r["key"], conv, g, orig)  # in fact equal to the printed digits
         assert not r["unsupported"], r
+    # The original LVT: 3,837,176 params (its own construction, see test_lvt).
+    assert rows["lvt"]["params"] == 3_837_176
+    # B2 → LVT adds the same kind of KD modules to LVT that B2 → B0 adds to B0: CSF + PEA cost more
+    # than nothing, and the student's share is exactly the LVT row.
+    lb, lv = rows["lvt_base"], rows["lvt"]
+    assert lb["params"] > lv["params"] and lb["full"] > lv["full"] and lb["paper"] > lv["paper"]
+    assert lb["full"] - lb["paper"] == lv["full"] - lv["paper"]  # KD modules hold no attention matmul
+
+
+def test_zoo_markdown_says_what_is_missing():
+    from transkd_fast.reports import zoo_markdown
+
+    rows = flops.zoo((64, 64), rows=("student", "lvt"))
+    text = zoo_markdown(rows, (64, 64))
+    assert "| Student LVT |" in text and "n/a" in text and "no LVT row" in text
+    assert "n/a" not in next(line for line in text.splitlines() if line.startswith("| Student SegFormer-B0"))
 
 
 def test_report_and_throughput():

@@ -22,8 +22,12 @@ from typing import Optional, Sequence
 from transkd_fast.cli import SUBCOMMANDS
 
 
-def _fmt_pct(ours: float, ref: float) -> str:
-    return f"{(ours - ref) / ref * 100:+.2f}%"
+def _fmt_pct(ours: float, ref: Optional[float]) -> str:
+    return "n/a" if ref is None else f"{(ours - ref) / ref * 100:+.2f}%"
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def zoo_markdown(rows: list[dict], input_size=(512, 1024)) -> str:
@@ -42,12 +46,15 @@ def zoo_markdown(rows: list[dict], input_size=(512, 1024)) -> str:
     ]
     for r in rows:
         full, paper = r["full"] / 1e9, r["paper"] / 1e9
-        line = (f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['paper_params_m']:.2f} | {full:.2f} | "
-                f"{r['orig_full']:.2f} | {_fmt_pct(full, r['orig_full'])} | {paper:.2f} | {r['orig_paper']:.2f} | "
-                f"{_fmt_pct(paper, r['orig_paper'])} | {r['paper_gflops']:.2f} |")
+        line = (f"| {r['name']} | {r['params'] / 1e6:.2f} | {_fmt(r['paper_params_m'])} | {full:.2f} | "
+                f"{_fmt(r['orig_full'])} | {_fmt_pct(full, r['orig_full'])} | {paper:.2f} | {_fmt(r['orig_paper'])} | "
+                f"{_fmt_pct(paper, r['orig_paper'])} | {_fmt(r['paper_gflops'])} |")
         if thr:
             line += f" {r.get('images_per_s', float('nan')):.3f} |"
         lines.append(line)
+    if any(r["paper_params_m"] is None for r in rows):
+        lines += ["", "n/a: no such number. The paper's tables and the original repository's model zoo give no LVT "
+                  "row; the original LVT's counts come from its own code traced with fvcore."]
     bad = [f"{r['name']}: {r['unsupported']}" for r in rows if r.get("unsupported")]
     if bad:
         lines += ["", "UNCOUNTED custom ops: " + "; ".join(bad)]

@@ -65,7 +65,8 @@ HELP = {
                    "PolynomialLRDecay, stepped once per epoch over --max-decay-steps epochs",
     "max_decay_steps": "poly-epoch: epochs over which the lr decays (the original: 1500)",
     "steps_per_epoch": "poly-epoch: optimizer steps per epoch (default: the training loader's length)",
-    "embed_stages": "TransKD embedding loss stages: all (the paper) | none | 1..4 (one stage, the original's --embed k)",
+    "embed_stages": "TransKD embedding loss stages: all (the paper) | none | 1..4 "
+                    "(one stage, the original's --embed k)",
     "cwd_norm": "CWD normalisation: channel (softmax over H*W per channel) | channel_mean (the original's option)",
     "cwd_divergence": "CWD divergence: kl | mse (the original's option)",
     "tensorboard": "also write TensorBoard event files to <output-dir>/tensorboard (needs the tensorboard package)",

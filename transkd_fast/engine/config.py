@@ -69,7 +69,7 @@ class TrainConfig(DataConfig):
     method: str = "transkd_base"           # a transkd_fast.distill.DISTILLERS name
     distill_kwargs: dict = field(default_factory=dict)
     embed_stages: str = "all"              # TransKD embedding loss: "all" | "none" | "1".."4" (the original's --embed)
-    cwd_norm: str = "channel"              # CWD feature loss normalisation: "channel" | "channel_mean" (original's options)
+    cwd_norm: str = "channel"              # CWD normalisation: "channel" | "channel_mean" (the original offers both)
     cwd_divergence: str = "kl"             # CWD divergence: "kl" | "mse"
     # optimization
     steps: int = 1000
