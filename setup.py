@@ -36,6 +36,8 @@ setup(
         "xformers": ["xformers>=0.0.28"],
         # transkd-fast export / --verify: ONNX (onnxscript: torch.onnx's exporter), onnxruntime, HF safetensors
         "deploy": ["onnx>=1.16", "onnxscript", "onnxruntime>=1.17", "safetensors"],
+        # --tensorboard: event files beside metrics.jsonl (torch.utils.tensorboard's SummaryWriter)
+        "tensorboard": ["tensorboard>=2.10"],
     },
     entry_points={"console_scripts": ["transkd-fast=transkd_fast.cli:main"]},
 )

@@ -1,7 +1,8 @@
 """Datasets and transforms.
 
 ``build_dataset(name, split, root=..., transform=..., label_resize=False, conditions=None)`` with
-``name`` in ``synthetic`` (the default, procedural, no files) | ``cityscapes`` | ``acdc`` | ``voc``.
+``name`` in ``synthetic`` (the default, procedural, no files) | ``cityscapes`` | ``acdc`` | ``voc`` |
+``nyuv2`` (NYUv2-40: splits ``train`` / ``test``, raw label 0 is void).
 Every dataset yields train ids with 255 for void before the transform; the transform's
 :class:`VoidMapping` decides whether void becomes an extra output id or stays ignored.
 
@@ -25,11 +26,12 @@ from transkd_fast.data.cityscapes import (
     Cityscapes,
     label_ids_to_train_ids,
 )
+from transkd_fast.data.nyuv2 import NYUV2_CLASSES, NYUv2
 from transkd_fast.data.synthetic import SYNTHETIC_CLASSES, Synthetic
 from transkd_fast.data.transforms import SegTransform, VoidMapping, pad_collate
 from transkd_fast.data.voc import VOC2012, VOC_CLASSES
 
-DATASETS = ("synthetic", "cityscapes", "acdc", "voc")
+DATASETS = ("synthetic", "cityscapes", "acdc", "voc", "nyuv2")
 
 
 def build_dataset(name: str, split: str, root: Optional[str] = None, transform=None, *, label_resize: bool = False,
@@ -37,8 +39,8 @@ def build_dataset(name: str, split: str, root: Optional[str] = None, transform=N
     """A dataset by name.
 
     Args:
-        name: ``synthetic`` | ``cityscapes`` | ``acdc`` | ``voc`` (``voc2012``).
-        split: the split (``train`` / ``val`` / ...).
+        name: ``synthetic`` | ``cityscapes`` | ``acdc`` | ``voc`` (``voc2012``) | ``nyuv2``.
+        split: the split (``train`` / ``val`` / ...; NYUv2 has ``train`` / ``test``).
         root: the data root (every dataset but ``synthetic``).
         transform: a :data:`~transkd_fast.data.base.Transform` (e.g. :class:`SegTransform`), or
             None (plain tensors); it may also be set later as ``ds.transform``.
@@ -62,12 +64,14 @@ def build_dataset(name: str, split: str, root: Optional[str] = None, transform=N
         return ACDC(root, split, transform, conditions=conditions, label_resize=label_resize, **kwargs)
     if name in ("voc", "voc2012"):
         return VOC2012(root, split, transform, label_resize=label_resize, **kwargs)
+    if name == "nyuv2":
+        return NYUv2(root, split, transform, label_resize=label_resize, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 __all__ = [
     "ACDC", "ACDC_CONDITIONS", "CITYSCAPES_CLASSES", "CITYSCAPES_CLASS_WEIGHTS", "Cityscapes", "DATASETS",
-    "DataError", "DatasetLayoutError", "LABEL_ID_TO_TRAIN_ID", "SYNTHETIC_CLASSES", "SegTransform",
-    "SegmentationDataset", "Synthetic", "VOC2012", "VOC_CLASSES", "VOID", "VoidMapping", "build_dataset",
-    "label_ids_to_train_ids", "pad_collate",
+    "DataError", "DatasetLayoutError", "LABEL_ID_TO_TRAIN_ID", "NYUV2_CLASSES", "NYUv2", "SYNTHETIC_CLASSES",
+    "SegTransform", "SegmentationDataset", "Synthetic", "VOC2012", "VOC_CLASSES", "VOID", "VoidMapping",
+    "build_dataset", "label_ids_to_train_ids", "pad_collate",
 ]

@@ -22,7 +22,8 @@ from transkd_fast.cli import SUBCOMMANDS
 from transkd_fast.engine.config import EvalConfig, TrainConfig
 
 HELP = {
-    "dataset": "synthetic (procedural, default) | cityscapes | acdc | voc",
+    "dataset": "synthetic (procedural, default) | cityscapes | acdc | voc | nyuv2 (splits train/test: "
+               "--val-split test)",
     "data_root": "dataset root directory (not needed for synthetic)",
     "train_split": "training split name",
     "val_split": "validation split name",

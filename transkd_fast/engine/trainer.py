@@ -76,6 +76,7 @@ from transkd_fast.engine.distributed import (
     is_distributed,
 )
 from transkd_fast.engine.metrics import ConfusionMatrix, json_safe
+from transkd_fast.engine.tb import close_tensorboard, open_tensorboard, require_tensorboard
 from transkd_fast.engine.viz import plot_curves, save_predictions
 from transkd_fast.runtime import tune_cpu_allocator
 
@@ -475,7 +476,7 @@ def make_optimizer(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
 # the output folder
 
 RUN_MARKERS = ("last.pt", "model.pt", "metrics.jsonl")
-RUN_FILES = RUN_MARKERS + ("curves.png", "predictions.png", "eval.json")
+RUN_FILES = RUN_MARKERS + ("curves.png", "predictions.png", "eval.json", "tensorboard")
 TMP_FILES = tuple(f"{n}.tmp" for n in ("last.pt", "model.pt", "metrics.jsonl"))
 
 # Settings an exact resume depends on; a resume that changes one is refused.
@@ -620,6 +621,7 @@ def _logit_grid(images: torch.Tensor) -> tuple[int, int]:
 
 def _run(cfg: TrainConfig, kind: str) -> RunResult:
     validate_train_config(cfg)
+    require_tensorboard(cfg)
     apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_allocator == "tuned":
@@ -754,6 +756,7 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
                 f.write(json_dumps({**header_rec, "step": 0, "kind": kind, "config": asdict(cfg),
                                     "teacher": teacher_id}) + "\n")
     barrier()
+    tb = open_tensorboard(cfg, main, start_step, info.class_names, log_path)  # None unless --tensorboard
 
     net = module
     if world > 1:
@@ -801,6 +804,8 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
         if main:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json_dumps(rec) + "\n")
+            if tb is not None:
+                tb.add(rec)
 
     def run_eval(step: int) -> dict:
         m = evaluate(model, _eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers),
@@ -906,8 +911,12 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
                               flush=True)
                     if stop_now:
                         raise RunInterrupted(stopper.signum or signal.SIGINT)
+                    close_tensorboard(tb)
                     return RunResult(cfg.output_dir, ckpt_path, weights_path, step, None, history, model, module,
                                      info)
+        except BaseException:
+            close_tensorboard(tb)
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -926,4 +935,5 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
                 save_predictions(os.path.join(cfg.output_dir, "predictions.png"),
                                  _vis_rows(model, val_ds, cfg.num_vis, device, cfg.amp), info.palette,
                                  info.num_classes, info.mean, info.std)
+    close_tensorboard(tb)
     return RunResult(cfg.output_dir, ckpt_path, weights_path, final_step, result_metrics, history, model, module, info)
