@@ -89,7 +89,7 @@ def test_nan_entries_serialise_as_null():
     empty = json.loads(json.dumps(json_safe(metrics_from_confusion(torch.zeros(2, 2, dtype=torch.int64))),
                                   allow_nan=False))
     assert empty["miou"] is None and empty["pixel_acc"] is None and empty["iou"] == [None, None]
-    assert set(NAN_ENTRIES) == {"miou", "pixel_acc", "iou"}
+    assert set(NAN_ENTRIES) == {"miou", "pixel_acc", "iou", "macc", "acc", "table"}
     # nested records (as the trainer logs them) and tensors / numpy scalars
     rec = json_safe({"event": "eval", "terms": {"x": float("inf")}, "v": [torch.tensor(float("nan")), 1]})
     assert rec == {"event": "eval", "terms": {"x": None}, "v": [None, 1]}

@@ -36,6 +36,14 @@ batch stacks. There is no translation in this mode (the crop already moves the c
 Evaluation keeps whole images; batches of different sizes go through :func:`pad_collate`
 (or use batch size 1, which is exact: padding changes the context the model sees).
 
+Two evaluation protocols need other resizes (``evaluate --protocol``, defaults unchanged):
+
+- ``resize="shorter_edge"`` (``--protocol transkd``): the original's torchvision
+  ``Resize(height)`` — the *shorter* edge becomes ``height`` and the longer one
+  ``int(height · long / short)``, truncated (:func:`resized_size`);
+- ``native_label=True`` (``--protocol full``, the mmseg protocol): the label keeps its native size
+  whatever the image resize; the predictions are resized to it.
+
 All randomness comes from the ``numpy.random.Generator`` passed in.
 """
 
@@ -89,6 +97,33 @@ def _shift(arr: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
     return out
 
 
+RESIZE_MODES = ("height", "shorter_edge")
+
+
+def resized_size(h: int, w: int, target: Optional[int], mode: str = "height") -> Tuple[int, int]:
+    """``(h', w')`` of an ``h × w`` image resized to ``target`` (None: unchanged).
+
+    - ``"height"`` (ours): ``h' = target``, ``w' = max(1, round(w · target / h))`` — the nearest
+      aspect ratio.
+    - ``"shorter_edge"`` (the original TransKD's ``torchvision.transforms.Resize(target)``, in
+      ``eval/eval_cityscapes_iou.py`` and the training scripts): the shorter edge becomes ``target``
+      and the other ``int(target · long / short)``, truncated; unchanged when the shorter edge is
+      already ``target`` (torchvision's ``_compute_resized_output_size`` / ``F_pil.resize``).
+      101×203 at 64 → 64×128 there (64×129 with ``"height"``); a portrait 203×101 → 128×64.
+    """
+    if target is None:
+        return h, w
+    if mode == "height":
+        return (h, w) if h == target else (target, max(1, int(round(w * target / h))))
+    if mode == "shorter_edge":
+        short, long = (w, h) if w <= h else (h, w)
+        if short == target:
+            return h, w
+        new_long = int(target * long / short)  # torchvision's arithmetic, operand order included
+        return (new_long, target) if w <= h else (target, new_long)
+    raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+
+
 def _nearest_resize(label: np.ndarray, h: int, w: int) -> np.ndarray:
     if label.shape == (h, w):
         return label
@@ -137,13 +172,26 @@ class SegTransform:
             ``train=False``: evaluation keeps whole images, see :func:`pad_collate`).
         scale_range: ``(lo, hi)`` of the random scale with ``crop_size`` (None: no rescaling;
             e.g. ``ds.default_scale_range``, (0.5, 2.0) for VOC). Needs ``crop_size``.
+        resize: how ``height`` resizes the image (:func:`resized_size`): ``"height"`` (the image
+            height, width rounded) or ``"shorter_edge"`` (the original's torchvision ``Resize``).
+        native_label: evaluation only (``label_scale=1``): keep the label at its native size
+            instead of the resized image's (the mmseg protocol: predictions resized to the
+            original annotation).
     """
 
     def __init__(self, height: Optional[int] = None, train: bool = False, label_scale: int = 4,
                  max_translate: int = 2, hflip: bool = True, void_id: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  crop_size: Union[None, int, Sequence[int]] = None,
-                 scale_range: Optional[Sequence[float]] = None):
+                 scale_range: Optional[Sequence[float]] = None, resize: str = "height",
+                 native_label: bool = False):
+        self._init_args = dict(height=height, train=train, label_scale=label_scale, max_translate=max_translate,
+                               hflip=hflip, void_id=void_id, mean=mean, std=std, crop_size=crop_size,
+                               scale_range=scale_range, resize=resize, native_label=native_label)
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        if native_label and (train or label_scale != 1):
+            raise ValueError("native_label is for evaluation at full resolution (train=False, label_scale=1)")
         if label_scale not in (1, 4):
             raise ValueError(f"label_scale must be 1 (full resolution) or 4 (paper), got {label_scale}")
         if crop_size is not None:
@@ -169,6 +217,11 @@ class SegTransform:
         self.max_translate, self.hflip = max_translate, hflip
         self.void = VoidMapping(void_id)
         self.mean, self.std = mean, std
+        self.resize, self.native_label = resize, bool(native_label)
+
+    def replace(self, **changes) -> "SegTransform":
+        """A copy with some constructor arguments changed (e.g. ``t.replace(resize="shorter_edge")``)."""
+        return SegTransform(**{**self._init_args, **changes})
 
     def label_size(self, h: int, w: int) -> Tuple[int, int]:
         if self.label_scale == 1:
@@ -179,11 +232,10 @@ class SegTransform:
         if self.crop_size is not None:
             return self._scale_crop_pad(image, label, rng)
         w0, h0 = image.size
-        if self.height is not None and self.height != h0:
-            w = max(1, int(round(w0 * self.height / h0)))
-            image = image.resize((w, self.height), Image.BILINEAR)
-        w, h = image.size
-        lh, lw = self.label_size(h, w)
+        h, w = resized_size(h0, w0, self.height, self.resize)
+        if (h, w) != (h0, w0):
+            image = image.resize((w, h), Image.BILINEAR)
+        lh, lw = label.shape[:2] if self.native_label else self.label_size(h, w)
         if label.shape != (lh, lw):
             label = np.array(Image.fromarray(label).resize((lw, lh), Image.NEAREST))
         img = np.asarray(image, dtype=np.uint8)
@@ -202,8 +254,7 @@ class SegTransform:
 
     def _scale_crop_pad(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
         w, h = image.size
-        if self.height is not None:
-            h, w = self.height, max(1, int(round(w * self.height / h)))
+        h, w = resized_size(h, w, self.height, self.resize)
         if self.scale_range is not None:
             s = float(rng.uniform(*self.scale_range))
             h, w = max(1, int(round(h * s))), max(1, int(round(w * s)))

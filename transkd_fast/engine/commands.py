@@ -144,10 +144,24 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
     return cls(**kw)
 
 
+def _pct(v) -> str:
+    return "   n/a" if v is None or v != v else f"{100 * v:6.2f}"  # v != v: NaN
+
+
 def _print_metrics(title: str, m: dict) -> None:
-    print(f"{title}: mIoU {100 * m['miou']:.2f}  pixel acc {100 * m['pixel_acc']:.2f}")
-    for name, v in m["per_class"].items():
-        print(f"  {name:>20s}  {'   n/a' if v is None else f'{100 * v:6.2f}'}")
+    """mIoU, pixel accuracy, mAcc, then the per-class table (IoU and accuracy TP/(TP+FN), in %;
+    n/a where undefined); a metrics dict without a ``"table"`` prints its IoUs only."""
+    head = f"{title}: mIoU {_pct(m['miou']).strip()}  pixel acc {_pct(m['pixel_acc']).strip()}"
+    if "macc" in m:
+        head += f"  mAcc {_pct(m['macc']).strip()}"
+    print(head)
+    if "table" not in m:
+        for name, v in m["per_class"].items():
+            print(f"  {name:>20s}  {_pct(v)}")
+        return
+    print(f"  {'class':>20s}  {'IoU':>6s}  {'Acc':>6s}")
+    for row in m["table"]:
+        print(f"  {row['name']:>20s}  {_pct(row['iou'])}  {_pct(row['acc'])}")
 
 
 def _run_training(kind: str, args: argparse.Namespace) -> int:
@@ -192,8 +206,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from transkd_fast.engine.distributed import env_world
 
     if env_world()[0] == 0:
-        for mode, m in results.items():
-            _print_metrics(f"{cfg.model} on {cfg.dataset}/{cfg.split}, {mode} resolution", m)
+        how = ""
+        if cfg.inference == "slide":
+            how += f", slide {cfg.slide_crop}/{cfg.slide_stride}"
+        if cfg.tta:
+            how += f", TTA scales {cfg.tta_scales} + flip"
+        for key, m in results.items():
+            what = f"{key} resolution" if cfg.protocol == "ours" else f"protocol {cfg.protocol}"
+            _print_metrics(f"{cfg.model} on {cfg.dataset}/{cfg.split}, {what}{how}", m)
     return 0
 
 
@@ -213,7 +233,8 @@ SUBCOMMANDS["train"] = ("train a segmentation network (teacher or student) with 
                         _add_train, lambda a: _run_training("train", a))
 SUBCOMMANDS["distill"] = ("distill a frozen teacher into a student (TransKD or a baseline)",
                           _add_distill, lambda a: _run_training("distill", a))
-SUBCOMMANDS["evaluate"] = ("mIoU / per-class IoU / pixel accuracy of a model, at 1/4 and full resolution",
+SUBCOMMANDS["evaluate"] = ("mIoU / per-class IoU and accuracy / pixel accuracy of a model under an evaluation "
+                           "protocol (ours: 1/4 and full resolution; transkd; full)",
                            _add_evaluate, _run_evaluate)
 SUBCOMMANDS["demo"] = ("synthetic end-to-end demo: teacher, TransKD student and plain student, compared",
                        _add_demo, _run_demo)

@@ -196,13 +196,24 @@ def validate_train_config(cfg: "TrainConfig") -> None:
 
 
 def validate_eval_config(cfg: "EvalConfig") -> None:
+    """As :func:`validate_train_config`; also the protocol (``--resolution`` is ``--protocol
+    ours``'s: another protocol fixes its labels, so a non-default ``--resolution`` is refused)
+    and the inference settings (:class:`transkd_fast.engine.inference.Inference`)."""
     _validate_data(cfg)
     for name in ("batch_size", "threads"):
         _check(cfg, name, lambda v: v >= 1, "≥ 1")
     for name in ("num_vis", "num_workers"):
         _check(cfg, name, lambda v: v >= 0, "≥ 0")
     _choice(cfg, "resolution", ("quarter", "full", "both"))
+    _choice(cfg, "protocol", ("ours", "transkd", "full"))
+    if cfg.protocol != "ours" and cfg.resolution != "both":
+        fixed = "labels at 1/4" if cfg.protocol == "transkd" else "full-resolution labels"
+        raise ConfigError(f"--resolution {cfg.resolution} is for --protocol ours; --protocol {cfg.protocol} "
+                          f"evaluates {fixed} (drop --resolution)")
     _choice(cfg, "amp", ("none", "bf16", "fp16"))
+    from transkd_fast.engine.inference import Inference  # imports torch; config itself does not
+
+    Inference.from_config(cfg)
 
 
 def config_from_dict(cls, d: dict[str, Any]):

@@ -75,6 +75,7 @@ from transkd_fast.engine.distributed import (
     init_distributed,
     is_distributed,
 )
+from transkd_fast.engine.inference import Inference, infer
 from transkd_fast.engine.metrics import ConfusionMatrix, json_safe
 from transkd_fast.engine.tb import close_tensorboard, open_tensorboard, require_tensorboard
 from transkd_fast.engine.viz import plot_curves, save_predictions
@@ -272,31 +273,45 @@ def global_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: Optio
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor, out_size, amp: str, device: torch.device) -> torch.Tensor:
-    with autocast_context(amp, device):
-        logits = model(images)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[1] if len(logits) == 3 else logits[0]
-    logits = logits.float()
-    if tuple(logits.shape[-2:]) != tuple(out_size):
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-    return logits.argmax(1)
+def _predict(model: nn.Module, images: torch.Tensor, out_size, amp: str, device: torch.device,
+             inference: Optional[Inference] = None) -> torch.Tensor:
+    """Class ids ``[B, *out_size]``: the argmax of :func:`~transkd_fast.engine.inference.infer`'s
+    scores at ``out_size`` (``device`` is the images'; kept for callers)."""
+    return infer(model, images, inference, out_size=out_size, amp=amp).argmax(1)
+
+
+# The evaluation protocols of ``evaluate --protocol`` (see :func:`_evaluate_config`): for each,
+# the metrics key, the label grid (4: ⌈H/4⌉ × ⌈W/4⌉ of the resized image; 1: the resized image's
+# size; "native": the dataset's own label size), the image resize and the absent-class convention.
+PROTOCOLS = {
+    "transkd": dict(key="transkd", labels=4, resize="shorter_edge", absent="zero"),
+    "full": dict(key="full", labels="native", resize="height", absent="skip"),
+}
+OUR_RESOLUTIONS = {"quarter": 4, "full": 1}
 
 
 def evaluate(model_or_cfg: Union[nn.Module, EvalConfig], loader=None, *, num_classes: Optional[int] = None,
              class_names=None, device: Optional[torch.device] = None, amp: str = "none",
-             progress: bool = False, desc: str = "eval") -> dict:
-    """mIoU, per-class IoU and pixel accuracy (see :mod:`transkd_fast.engine.metrics`).
+             progress: bool = False, desc: str = "eval", inference: Optional[Inference] = None,
+             absent: str = "skip") -> dict:
+    """mIoU, per-class IoU / accuracy and pixel accuracy (see :mod:`transkd_fast.engine.metrics`).
 
-    ``evaluate(model, loader)``: ``loader`` yields ``(images, labels)``; the logits are
-    upsampled (bilinear) to the labels' size when they differ, so labels at 1/4 resolution
-    give the paper's metric and full-size labels the full-resolution one. Classes are
-    ``num_classes`` (default: the loader's dataset's, else the model's); a label
-    ``≥ num_classes`` (void) is not counted. Under DDP each rank evaluates its shard and the
-    confusion matrices are all-reduced. A distiller is evaluated through its student.
+    ``evaluate(model, loader)``: ``loader`` yields ``(images, labels)``; the scores of
+    :func:`~transkd_fast.engine.inference.infer` under ``inference`` (default: one forward, no
+    TTA) are resized bilinearly to the labels' size when they differ, so labels at 1/4
+    resolution give the paper's metric and full-size labels the full-resolution one. A loader
+    may also yield ``(images, labels, sizes)`` with ``sizes [B, 4]`` = each sample's image and
+    label size ``(h, w, lh, lw)`` before padding (:func:`_eval_loader` with ``sizes=True``):
+    then each sample's scores at the (padded) input size are cut to its image and resized to
+    its own label (mmseg's post-processing; needed when labels are not on the image's grid).
+    Classes are ``num_classes`` (default: the loader's dataset's, else the model's); a label
+    ``≥ num_classes`` (void) is not counted; ``absent`` is the absent-class convention
+    (``"skip"`` | ``"zero"``). Under DDP each rank evaluates its shard and the confusion matrices
+    are all-reduced. A distiller is evaluated through its student.
 
-    ``evaluate(EvalConfig)``: builds the model and data and evaluates in the configured
-    resolution(s); returns ``{"quarter": metrics, "full": metrics}``.
+    ``evaluate(EvalConfig)``: builds the model and data and evaluates under the configured
+    protocol (:func:`_evaluate_config`): ``{"quarter": metrics, "full": metrics}`` for
+    ``--protocol ours`` (``--resolution``), ``{"transkd": ...}``, ``{"full": ...}`` otherwise.
     """
     if isinstance(model_or_cfg, EvalConfig):
         return _evaluate_config(model_or_cfg)
@@ -323,36 +338,104 @@ def evaluate(model_or_cfg: Union[nn.Module, EvalConfig], loader=None, *, num_cla
 
         it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     try:
-        for images, labels in it:
-            images, labels = images.to(device), labels.to(device)
-            conf.update(_predict(model, images, labels.shape[-2:], amp, device), labels)
+        for batch in it:
+            images, labels = batch[0].to(device), batch[1].to(device)
+            if len(batch) < 3:
+                conf.update(_predict(model, images, labels.shape[-2:], amp, device, inference), labels)
+                continue
+            scores = infer(model, images, inference, out_size=images.shape[-2:], amp=amp)
+            for i, (h, w, lh, lw) in enumerate(batch[2].tolist()):
+                s = scores[i:i + 1, :, :h, :w]  # this image, its padding cut off
+                if (h, w) != (lh, lw):
+                    s = F.interpolate(s, size=(lh, lw), mode="bilinear", align_corners=False)
+                conf.update(s.argmax(1), labels[i, :lh, :lw])
     finally:
         model.train(was_training)
     conf.all_reduce()
-    return conf.compute(class_names)
+    return conf.compute(class_names, absent=absent)
 
 
-def _eval_loader(ds, batch_size: int, num_workers: int = 0):
+def _collate_sizes(batch):
+    """:func:`pad_collate`'s ``(images, labels)`` plus ``sizes [B, 4]``: each sample's image and
+    label size ``(h, w, lh, lw)`` before padding."""
+    images, labels = pad_collate(batch)
+    sizes = torch.tensor([[*img.shape[-2:], *lab.shape[-2:]] for img, lab in batch], dtype=torch.int64)
+    return images, labels, sizes
+
+
+def _eval_loader(ds, batch_size: int, num_workers: int = 0, sizes: bool = False):
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     # pad_collate: images of different sizes (VOC) share a batch; the padding is void, never counted
     return torch.utils.data.DataLoader(ds, batch_sampler=ShardedEvalSampler(len(ds), batch_size, rank, world),
-                                       num_workers=num_workers, collate_fn=pad_collate)
+                                       num_workers=num_workers, collate_fn=_collate_sizes if sizes else pad_collate)
 
 
-def _vis_rows(model, ds, n: int, device, amp) -> list:
+def _vis_rows(model, ds, n: int, device, amp, inference: Optional[Inference] = None) -> list:
+    """``(image, label, prediction)`` of the first ``n`` samples; the prediction on the label's grid."""
     rows = []
     model_was = model.training
     model.eval()
     for i in range(min(n, len(ds))):
         img, lab = ds[i]
-        pred = _predict(model, img[None].to(device), lab.shape[-2:], amp, device)[0].cpu()
+        pred = _predict(model, img[None].to(device), lab.shape[-2:], amp, device, inference)[0].cpu()
         rows.append((img, lab, pred))
     model.train(model_was)
     return rows
 
 
+def _protocol_dataset(cfg: EvalConfig, labels, resize: str):
+    """The evaluation split with the protocol's label grid and image resize."""
+    ds = make_dataset(cfg, cfg.split, train=False, label_scale=1 if labels == "native" else labels)
+    if labels == "native" or resize != "height":
+        ds.transform = ds.transform.replace(resize=resize, native_label=labels == "native")
+    return ds
+
+
+def _protocol_record(cfg: EvalConfig, num_classes: int, inference: Inference) -> dict:
+    """What ``eval.json`` says about how the numbers were computed."""
+    miou = {"skip": "mean over the classes present in labels or predictions",
+            "zero": f"mean over all {num_classes} classes, a class absent from labels and predictions counting 0"}
+    grid = {4: "⌈H/4⌉ × ⌈W/4⌉ of the resized image (the 1/4 logits' grid)", 1: "the resized image's size",
+            "native": "the dataset's native label size"}
+    resize = {"height": "image height set to --height, width rounded",
+              "shorter_edge": "shorter edge set to --height, the other truncated (torchvision Resize)"}
+    rec = {"name": cfg.protocol, "height": cfg.height}
+    if cfg.protocol == "ours":
+        rec["resolution"] = cfg.resolution
+        rec["labels"] = {k: grid[v] for k, v in OUR_RESOLUTIONS.items()
+                         if cfg.resolution in (k, "both")}
+        rec.update(resize=resize["height"], miou=miou["skip"])
+    else:
+        p = PROTOCOLS[cfg.protocol]
+        rec.update(labels=grid[p["labels"]], resize=resize[p["resize"]], miou=miou[p["absent"]])
+    return rec
+
+
 def _evaluate_config(cfg: EvalConfig) -> dict:
+    """Evaluate a model under ``cfg.protocol``:
+
+    - ``ours``: ``--resolution quarter`` (labels on the ⌈H/4⌉ × ⌈W/4⌉ grid of the logits, the
+      paper's setting), ``full`` (logits upsampled bilinearly to labels at the resized image's
+      size) or ``both``; images resized to ``--height`` (width rounded); mIoU over the classes
+      present.
+    - ``transkd``: the original TransKD evaluation (``eval/eval_cityscapes_iou.py``): images
+      resized with torchvision ``Resize(--height)`` semantics (the shorter edge to ``--height``,
+      the other truncated: :func:`transkd_fast.data.transforms.resized_size`; the original uses
+      512), labels at 1/4 — on our ⌈H/4⌉ × ⌈W/4⌉ grid (docs/fidelity.md: the original's
+      ``Resize(128)`` of the label gives the same grid wherever its metric runs) — and its mIoU:
+      the mean over all K classes, an absent class counting 0 (``eval/iouEval.py``,
+      :mod:`transkd_fast.engine.metrics`).
+    - ``full``: the SegFormer / mmseg protocol: labels at their native resolution, each image's
+      logits (at the input size, padding cut off) upsampled bilinearly to them; mIoU over the
+      classes present. Equals ``ours --resolution full`` when no ``--height`` resize happens.
+
+    ``cfg.inference`` / ``slide_*`` / ``tta*`` choose how scores are computed
+    (:mod:`transkd_fast.engine.inference`), for every protocol. With ``output_dir``, writes
+    ``eval.json`` (config, protocol, inference and the metrics with their per-class tables) and
+    ``predictions.png``.
+    """
     validate_eval_config(cfg)
+    inference = Inference.from_config(cfg)
     apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
@@ -370,23 +453,32 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
     else:
         print("warning: evaluate without --weights: the model is randomly initialized")
     model.to(device).eval()
-    modes = {"quarter": 4, "full": 1}
-    wanted = list(modes) if cfg.resolution == "both" else [cfg.resolution]
+    if cfg.protocol == "ours":
+        wanted = list(OUR_RESOLUTIONS) if cfg.resolution == "both" else [cfg.resolution]
+        runs = [(mode, OUR_RESOLUTIONS[mode], "height", "skip") for mode in wanted]
+    else:
+        p = PROTOCOLS[cfg.protocol]
+        runs = [(p["key"], p["labels"], p["resize"], p["absent"])]
     results = {}
-    for mode in wanted:
-        ds = make_dataset(cfg, cfg.split, train=False, label_scale=modes[mode])
-        results[mode] = evaluate(model, _eval_loader(ds, cfg.batch_size, cfg.num_workers),
-                                 num_classes=info.num_classes, class_names=info.class_names, device=device,
-                                 amp=cfg.amp, progress=cfg.progress and rank == 0, desc=f"eval {mode}")
+    for key, labels, resize, absent in runs:
+        ds = _protocol_dataset(cfg, labels, resize)
+        loader = _eval_loader(ds, cfg.batch_size, cfg.num_workers, sizes=labels == "native")
+        results[key] = evaluate(model, loader, num_classes=info.num_classes, class_names=info.class_names,
+                                device=device, amp=cfg.amp, progress=cfg.progress and rank == 0,
+                                desc=f"eval {key}", inference=inference, absent=absent)
     if cfg.output_dir and rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        doc = {"config": asdict(cfg), "protocol": _protocol_record(cfg, info.num_classes, inference),
+               "inference": inference.describe(), "results": results}
         with open(os.path.join(cfg.output_dir, "eval.json"), "w", encoding="utf-8") as f:
-            f.write(json_dumps({"config": asdict(cfg), "results": results}, indent=2))
+            f.write(json_dumps(doc, indent=2))
         if cfg.num_vis > 0:
-            ds = make_dataset(cfg, cfg.split, train=False)
+            # ours: the --label-scale grid, as before; another protocol: its own labels and resize
+            ds = make_dataset(cfg, cfg.split, train=False) if cfg.protocol == "ours" else \
+                _protocol_dataset(cfg, runs[0][1], runs[0][2])
             save_predictions(os.path.join(cfg.output_dir, "predictions.png"),
-                             _vis_rows(model, ds, cfg.num_vis, device, cfg.amp), info.palette, info.num_classes,
-                             info.mean, info.std)
+                             _vis_rows(model, ds, cfg.num_vis, device, cfg.amp, inference), info.palette,
+                             info.num_classes, info.mean, info.std)
     return results
 
 
