@@ -111,10 +111,18 @@ def test_resume_after_sigkill_truncates_the_log_and_cleans_tmp(tmp_path):
     out = tmp_path / "kill"
     proc = _start(tmp_path, out, "--ckpt-every", "2")
     _wait_for_steps(proc, out / "metrics.jsonl", 5)
+    # Kill it while the log holds steps after the last checkpoint (the case to recover from). The
+    # run is frozen (SIGSTOP) to look; a kill that would land right after a checkpoint waits a bit.
+    for _ in range(50):
+        proc.send_signal(signal.SIGSTOP)
+        logged = [r["step"] for r in _records(out / "metrics.jsonl") if r.get("event") == "train"]
+        ckpt_step = load_checkpoint(str(out / "last.pt"))["step"]
+        if logged[-1] > ckpt_step:
+            break
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
     proc.kill()
     proc.communicate(timeout=60)
-    logged = [r["step"] for r in _records(out / "metrics.jsonl") if r.get("event") == "train"]
-    ckpt_step = load_checkpoint(str(out / "last.pt"))["step"]
     assert logged[-1] > ckpt_step  # steps after the checkpoint are in the log
     (out / "last.pt.tmp").write_bytes(b"partial checkpoint write")  # a kill during the write
     cfg = {**TINY, "batch_size": 2, "synthetic_val_size": 2}
