@@ -322,8 +322,8 @@ def test_distiller_kwargs_from_flags():
                                                                                 "cwd_divergence": "mse"}
     assert kw(embed_stages="3", distill_kwargs={"embed_stages": 3}) == {"embed_stages": "3"}
     for c, match in ((dict(method="logit_kd", embed_stages="none"), "--embed-stages none: --method logit_kd"),
-                     (dict(method="review_kd", cwd_norm="channel_mean"), "--cwd-norm channel_mean: --method review"),
-                     (dict(cwd_divergence="mse"), "feature loss is 'hcl'"),
+                     (dict(method="review_kd", cwd_norm="channel_mean"), "channel_mean: --method review_kd has"),
+                     (dict(cwd_divergence="mse"), "--method transkd_base is 'hcl'"),
                      (dict(embed_stages="2", distill_kwargs={"embed_stages": "3"}), "conflicts"),
                      (dict(method="cwd", cwd_norm="channel_mean", distill_kwargs={"norm": "channel"}), "conflicts")):
         with pytest.raises(ConfigError, match=match):

@@ -547,9 +547,10 @@ def distiller_kwargs(cfg: TrainConfig) -> dict:
         if value == default:
             continue
         if not (method == "cwd" or (transkd and kw.get("feature_loss", "hcl") == "cwd")):
-            what = f"its feature loss is {kw.get('feature_loss', 'hcl')!r}" if transkd else "it has no CWD loss"
-            raise ConfigError(f"{flag} {value}: --method {method} does not use the CWD loss ({what}); CWD is "
-                              "--method cwd, or a TransKD method with --distill-kwargs '{\"feature_loss\": \"cwd\"}'")
+            what = (f"the feature loss of --method {method} is {kw.get('feature_loss', 'hcl')!r}" if transkd
+                    else f"--method {method} has no CWD loss")
+            raise ConfigError(f"{flag} {value}: {what}; CWD is --method cwd, or a TransKD method with "
+                              "--distill-kwargs '{\"feature_loss\": \"cwd\"}'")
         put(flag, key, value)
     return kw
 
@@ -691,6 +692,7 @@ def _logit_grid(images: torch.Tensor) -> tuple[int, int]:
 
 def _run(cfg: TrainConfig, kind: str) -> RunResult:
     validate_train_config(cfg)
+    kd_kwargs = distiller_kwargs(cfg) if kind == "distill" else {}  # refused flags fail before any set-up
     apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_allocator == "tuned":
@@ -748,7 +750,7 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
 
         teacher = build_network(cfg.teacher, info.num_outputs, 0.0, 0.0)
         module = build_distiller(cfg.method, model, teacher, class_weights=info.class_weights,
-                                 ignore_index=info.ignore_index, **distiller_kwargs(cfg))
+                                 ignore_index=info.ignore_index, **kd_kwargs)
         if cfg.teacher_weights:
             reports.append(("teacher weights", load_weights(
                 teacher, cfg.teacher_weights, flag="--teacher-weights", model_name=cfg.teacher,
