@@ -4,8 +4,9 @@
   p = softmax(logits / T) over classes, × T² (Hinton KD applied per pixel).
 - :class:`CWD`: channel-wise distillation (Shu et al.) on stage maps: per selected stage a
   1×1 conv (no bias) + BN + ReLU aligner maps the student's map to the teacher's width, then
-  KL over H·W per channel, × T², summed over the stages. The default stage set is the last one
-  only, as in TransKD's CWD baseline (``Conv_FeaturesProj``).
+  KL over H·W per channel, × T², summed over the stages (or another of the original's
+  ``CriterionCWD`` variants: ``norm="channel_mean"``, ``divergence="mse"``). The default stage
+  set is the last one only, as in TransKD's CWD baseline (``Conv_FeaturesProj``).
 - :class:`ReviewKD` ("KR", Chen et al. 2021; TransKD's main baseline): attention-based fusion
   (ABF) walking deep → shallow, then HCL against the teacher's stage maps.
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transkd_fast.distill.losses import feature_loss, logit_loss
+from transkd_fast.distill.losses import check_cwd_options, feature_loss, logit_loss
 from transkd_fast.distill.transkd import Distiller, TransKD
 
 
@@ -52,13 +53,17 @@ class CWD(Distiller):
     ``stages``: 0-based stage indices to distill (default ``(-1,)``, the last stage, as the
     original). Aligners: ``aligners[k]`` = Conv2d 1×1 (no bias) + BatchNorm2d + ReLU, student →
     teacher width of ``stages[k]``; PyTorch's default init. ``loss = ce + weight · Σ_k
-    KL_channel,T(teacher_k ‖ aligner_k(student_k))``.
+    CWD(aligner_k(student_k), teacher_k)`` with CWD = :func:`~transkd_fast.distill.losses.cwd_loss`
+    (``norm``, ``divergence``); the default ``"channel"`` / ``"kl"`` is
+    ``KL_channel,T(teacher_k ‖ aligner_k(student_k))``.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, stages: Sequence[int] = (-1,),
                  temperature: float = 1.0, weight: float = 1.0, class_weights: Optional[Sequence[float]] = None,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, norm: str = "channel", divergence: str = "kl") -> None:
+        check_cwd_options(norm, divergence)
         super().__init__(student, teacher, class_weights=class_weights, ignore_index=ignore_index)
+        self.norm, self.divergence = norm, divergence
         n = len(self.student_dims)
         idx = []
         for s in stages:
@@ -82,7 +87,8 @@ class CWD(Distiller):
     def distill_terms(self, images, s_feats, s_logits, s_embeds, t_feats, t_logits, t_embeds) -> dict:
         aligned = [a(s_feats[i]) for a, i in zip(self.aligners, self.stages)]
         target = [t_feats[i] for i in self.stages]
-        return {"feature": self.weight * feature_loss("cwd", aligned, target, self.temperature)}
+        return {"feature": self.weight * feature_loss("cwd", aligned, target, self.temperature, self.norm,
+                                                      self.divergence)}
 
 
 class ABF(nn.Module):

@@ -22,7 +22,9 @@ original                                               ours
 
 Inside a CSF stage the names are the same (``conv1``, ``conv2``, ``fc``, ``fc1``, ``fcs``). A
 single-stage embedding run (``--embed k``, k = 1…4) has one projection, always named
-``embed1_linearproject``, for stage k: pass ``embed_stage=k``. The teacher is not in these files
+``embed1_linearproject``, for stage k: a ``TransKD(embed_stages=k)`` reads it as stage k's on its
+own (the ``embed_stage`` argument, needed only to load such a file into an all-stage distiller,
+must then agree); ``--embed 0`` files have none (``embed_stages="none"``). The teacher is not in these files
 (the original loads it from its own file), so the teacher's tensors are neither loaded nor counted.
 """
 
@@ -158,7 +160,14 @@ def load_original_distiller(distiller: nn.Module,
     (format ``"transkd-original"``; counts over the student's and the KD modules' tensors, the
     teacher's left out). Raises :class:`~transkd_fast.models.checkpoints.CheckpointError`, loading
     nothing, on any shape mismatch, when nothing loaded, or with ``strict`` when anything is
-    missing or unexpected."""
+    missing or unexpected. ``embed_stage`` defaults to the distiller's own single embedding stage
+    (its ``embed_stage``, set by ``TransKD(embed_stages=k)``); a different value is refused."""
+    own = getattr(distiller, "embed_stage", None)
+    if embed_stage is None:
+        embed_stage = own
+    elif own is not None and int(embed_stage) != own:
+        raise CheckpointError(f"embed_stage={embed_stage}, but this distiller was built with embed_stages={own}: "
+                              "its PEA aligns that stage only")
     obj = _load_object(path_or_state_dict)
     raw = _read(obj)
     n = len(getattr(distiller, "student_dims", None) or [0, 0, 0, 0])

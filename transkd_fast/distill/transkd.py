@@ -20,7 +20,7 @@ decode head (the original ran the full teacher and threw its logits away).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from transkd_fast.distill.ea import EmbeddingAssistant
 from transkd_fast.distill.gl_mixer import GLMixer
 from transkd_fast.distill.losses import (
     FEATURE_LOSSES,
+    check_cwd_options,
     check_stage_pairs,
     embedding_loss,
     feature_loss,
@@ -40,6 +41,19 @@ from transkd_fast.distill.pea import PEA
 
 VARIANTS = ("base", "gl", "ea")
 LOGIT_LOSSES = (None, "kl")
+PAPER_EMBED_WEIGHTS = (0.1, 0.1, 0.5, 1.0)
+
+
+def parse_embed_stages(value: Union[str, int], n_stages: int) -> tuple[str, tuple[int, ...]]:
+    """``"all"`` | ``"none"`` | ``k`` (1…n, int or digit string) → (the canonical name, 0-based stages)."""
+    v = str(value).strip().lower()
+    if v == "all":
+        return "all", tuple(range(n_stages))
+    if v == "none":
+        return "none", ()
+    if v.isdigit() and 1 <= int(v) <= n_stages:
+        return str(int(v)), (int(v) - 1,)
+    raise ValueError(f"embed_stages must be 'all', 'none' or a stage 1..{n_stages}, got {value!r}")
 
 
 def _stage_dims(model: nn.Module, who: str) -> list[int]:
@@ -186,29 +200,64 @@ class TransKD(Distiller):
     ``variant``: ``"base"`` (CSF + HCL + PEA), ``"gl"`` (+ GL-Mixer on the stage-4 embedding,
     before PEA), ``"ea"`` (+ Embedding Assistant after PEA). ``feature_loss``: ``"hcl"`` (the
     paper), ``"cwd"`` (channel-wise KL per stage, summed) or ``"kl"`` (pixel-wise KL per stage,
-    summed); ``temperature`` is used by the KL terms. ``embed_weights``: the stage weights of the
-    embedding MSE. ``logit_loss``: ``None`` (the paper) or ``"kl"`` (pixel-wise KD on the logits,
+    summed); ``temperature`` is used by the KL terms. ``cwd_norm`` / ``cwd_divergence``: the
+    ``"cwd"`` feature loss's variant (:func:`~transkd_fast.distill.losses.cwd_loss`; the defaults
+    ``"channel"`` / ``"kl"`` are the paper's; other values are refused for the other feature
+    losses). ``logit_loss``: ``None`` (the paper) or ``"kl"`` (pixel-wise KD on the logits,
     × ``logit_weight``; the only case where the teacher's decode head runs).
+
+    Embedding loss, ``embed = Σ_{i ∈ stages} w_i · mse(PEA_i(e_s_i), e_t_i)``, by ``embed_stages``:
+
+    - ``"all"`` (the paper, the original's ``--embed 5``): the n stages, ``embed_weights``
+      default ``(0.1, 0.1, 0.5, 1.0)``;
+    - ``k`` (1…n, the original's ``--embed k``): stage k alone, weight ``embed_weights`` (one
+      entry) default ``(1.0,)``, the original's plain ``nn.MSELoss()``; PEA holds stage k's
+      projection only (as the original's single ``embed1_linearproject``);
+    - ``"none"`` (``--embed 0``): no embedding loss (``out["embed"]`` is 0) and no PEA at all: its
+      parameters are neither created nor given to the optimizer (``embed_weights`` must be None).
+
+    Anything but ``"all"`` is for the ``base`` variant only: GL-Mixer and EA act on embeddings that
+    only the embedding loss reads, and the original's GL/EA models always align all four stages.
 
     Total: ``ce + feature_weight · feature + embed (+ logit_weight · logit)``.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, variant: str = "base", feature_loss: str = "hcl",
-                 embed_weights: Sequence[float] = (0.1, 0.1, 0.5, 1.0), temperature: float = 1.0,
+                 embed_weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
                  logit_loss: Optional[str] = None, class_weights: Optional[Sequence[float]] = None,
                  ignore_index: int = 255, feature_weight: float = 1.0, logit_weight: float = 1.0,
-                 mid_channels: int = 64, gl_heads: int = 8, gl_residual: bool = False) -> None:
+                 mid_channels: int = 64, gl_heads: int = 8, gl_residual: bool = False,
+                 embed_stages: Union[str, int] = "all", cwd_norm: str = "channel",
+                 cwd_divergence: str = "kl") -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown TransKD variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if feature_loss not in FEATURE_LOSSES:
             raise ValueError(f"unknown feature_loss {feature_loss!r}; choose one of {', '.join(FEATURE_LOSSES)}")
         if logit_loss not in LOGIT_LOSSES:
             raise ValueError(f"unknown logit_loss {logit_loss!r}; choose None or 'kl'")
+        check_cwd_options(cwd_norm, cwd_divergence)
+        if feature_loss != "cwd" and (cwd_norm, cwd_divergence) != ("channel", "kl"):
+            raise ValueError(f"cwd_norm / cwd_divergence ({cwd_norm!r}, {cwd_divergence!r}) apply to "
+                             f"feature_loss='cwd' only; this TransKD uses {feature_loss!r}")
         super().__init__(student, teacher, class_weights=class_weights, ignore_index=ignore_index)
-        if len(embed_weights) != len(self.student_dims):
-            raise ValueError(f"embed_weights has {len(embed_weights)} entries for {len(self.student_dims)} stages")
+        n = len(self.student_dims)
+        self.embed_mode, self.embed_stage_ids = parse_embed_stages(embed_stages, n)
+        if self.embed_mode != "all" and variant != "base":
+            raise ValueError(f"embed_stages={embed_stages!r} is for the base variant only: TransKD-{variant}'s "
+                             f"{'GL-Mixer' if variant == 'gl' else 'Embedding Assistant'} feeds the all-stage "
+                             "embedding loss")
+        if self.embed_mode == "none":
+            if embed_weights is not None:
+                raise ValueError("embed_weights given with embed_stages='none' (no embedding loss)")
+            embed_weights = ()
+        elif embed_weights is None:
+            embed_weights = PAPER_EMBED_WEIGHTS if self.embed_mode == "all" else (1.0,)
+        if len(embed_weights) != len(self.embed_stage_ids):
+            raise ValueError(f"embed_weights has {len(embed_weights)} entries for {len(self.embed_stage_ids)} "
+                             f"embedding stage(s) (embed_stages={self.embed_mode!r})")
         self.variant = variant
         self.feature_kind = feature_loss
+        self.cwd_norm, self.cwd_divergence = cwd_norm, cwd_divergence
         self.embed_weights = tuple(float(w) for w in embed_weights)
         self.temperature = float(temperature)
         self.logit_kind = logit_loss
@@ -220,15 +269,22 @@ class TransKD(Distiller):
                              f"{getattr(student, 'num_classes', '?')} outputs, the teacher "
                              f"{getattr(teacher, 'num_classes', '?')}")
         self.csf = CSF(self.student_dims, self.teacher_dims, mid_channels)
-        self.pea = PEA(self.student_dims, self.teacher_dims)
+        # "none": no PEA module at all, so no parameter of it reaches the optimizer or the checkpoint.
+        self.pea = PEA(self.student_dims, self.teacher_dims, self.embed_stage_ids) if self.embed_stage_ids else None
         if variant == "gl":
             self.gl_mixer = GLMixer(self.student_dims[-1], num_heads=gl_heads, residual=gl_residual)
         if variant == "ea":
             self.ea = EmbeddingAssistant(self.student_dims, self.teacher_dims)
 
+    @property
+    def embed_stage(self) -> Optional[int]:
+        """The stage (1…n) of a single-stage embedding loss, else None."""
+        return self.embed_stage_ids[0] + 1 if self.embed_mode not in ("all", "none") else None
+
     def align_embeddings(self, images: torch.Tensor, s_feats: Sequence[torch.Tensor],
                          s_embeds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The student embeddings as compared with the teacher's (GL-Mixer / PEA / EA per variant)."""
+        """The student embeddings of the loss's stages (:attr:`embed_stage_ids`) as compared with
+        the teacher's (GL-Mixer / PEA / EA per variant)."""
         embeds = list(s_embeds)
         if self.variant == "gl":
             embeds[-1] = self.gl_mixer(embeds[-1])
@@ -239,10 +295,12 @@ class TransKD(Distiller):
 
     def distill_terms(self, images, s_feats, s_logits, s_embeds, t_feats, t_logits, t_embeds) -> dict:
         fused = self.csf(s_feats)
-        terms = {
-            "feature": self.feature_weight * feature_loss(self.feature_kind, fused, t_feats, self.temperature),
-            "embed": embedding_loss(self.align_embeddings(images, s_feats, s_embeds), t_embeds, self.embed_weights),
-        }
+        terms = {"feature": self.feature_weight * feature_loss(self.feature_kind, fused, t_feats, self.temperature,
+                                                               self.cwd_norm, self.cwd_divergence)}
+        if self.embed_stage_ids:
+            targets = [t_embeds[i] for i in self.embed_stage_ids]
+            terms["embed"] = embedding_loss(self.align_embeddings(images, s_feats, s_embeds), targets,
+                                            self.embed_weights)
         if self.logit_kind is not None:
             terms["logit"] = self.logit_weight * logit_loss(s_logits, t_logits, self.temperature)
         return terms
@@ -257,7 +315,8 @@ class TransKD(Distiller):
         of the student's and KD modules' tensors; the teacher is not in those files). Raises
         :class:`~transkd_fast.models.checkpoints.CheckpointError`, loading nothing, on a shape
         mismatch, when nothing loaded, or with ``strict`` when anything is missing or unexpected.
-        ``embed_stage``: the stage (1…4) of a single-stage embedding run (``--embed k``)."""
+        ``embed_stage``: the stage (1…4) of a single-stage embedding run (``--embed k``); default:
+        this distiller's own (``embed_stages=k``), else None (an all-stage file)."""
         from transkd_fast.distill.original import load_original_distiller
 
         return load_original_distiller(self, state_dict_or_path, strict=strict, embed_stage=embed_stage)

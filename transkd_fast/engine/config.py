@@ -55,7 +55,9 @@ class TrainConfig(DataConfig):
     Steps are optimizer steps; ``batch_size`` is the *global* batch (split over DDP ranks).
     Optimizer AdamW(lr, betas, weight_decay, eps) (PyTorch's fused implementation: one kernel
     for all parameters) and the polynomial schedule ``lr · (1 − step/steps)^poly_power``,
-    stepped every step. On CPU, ``cpu_allocator="tuned"`` applies
+    stepped every step (``lr_schedule="poly"``), or the original's per-epoch
+    ``lr · (1 − min(e, max_decay_steps)/max_decay_steps)^poly_power`` for epoch e = 1, 2, …
+    (``"poly-epoch"``, :func:`transkd_fast.engine.trainer.lr_factor`). On CPU, ``cpu_allocator="tuned"`` applies
     :func:`transkd_fast.runtime.tune_cpu_allocator` before the run.
     """
 
@@ -190,9 +192,37 @@ def validate_train_config(cfg: "TrainConfig") -> None:
         _check(cfg, name, lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)")
     _choice(cfg, "amp", ("none", "bf16", "fp16"))
     _choice(cfg, "cpu_allocator", ("tuned", "default"))
+    _validate_recipe(cfg)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in "
                           f"{cfg.output_dir}, --overwrite moves it aside and starts over")
+
+
+LR_SCHEDULES = ("poly", "poly-epoch")
+EMBED_STAGES = ("all", "none", "1", "2", "3", "4")
+
+
+def _validate_recipe(cfg: "TrainConfig") -> None:
+    """The original recipe's options (issue #15): lr schedule, embedding stages, CWD variant.
+
+    Which distillation method may take a non-default ``--embed-stages`` / ``--cwd-*`` is checked
+    where the distiller is built (:func:`transkd_fast.engine.trainer.distiller_kwargs`)."""
+    _choice(cfg, "lr_schedule", LR_SCHEDULES)
+    _check(cfg, "max_decay_steps", lambda v: isinstance(v, int) and v >= 2,
+           "an integer ≥ 2 (the original's PolynomialLRDecay needs > 1)")
+    _check(cfg, "steps_per_epoch", lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1")
+    if cfg.lr_schedule != "poly-epoch":
+        default = TrainConfig.max_decay_steps
+        if cfg.max_decay_steps != default:
+            raise ConfigError(f"--max-decay-steps {cfg.max_decay_steps} is for --lr-schedule poly-epoch; this run's "
+                              f"schedule is {cfg.lr_schedule!r}")
+        if cfg.steps_per_epoch is not None:
+            raise ConfigError(f"--steps-per-epoch {cfg.steps_per_epoch} is for --lr-schedule poly-epoch; this run's "
+                              f"schedule is {cfg.lr_schedule!r}")
+    if str(cfg.embed_stages).strip().lower() not in EMBED_STAGES:
+        raise ConfigError(f"--embed-stages must be all, none or a stage 1..4, got {cfg.embed_stages!r}")
+    _choice(cfg, "cwd_norm", ("channel", "channel_mean"))
+    _choice(cfg, "cwd_divergence", ("kl", "mse"))
 
 
 def validate_eval_config(cfg: "EvalConfig") -> None:

@@ -10,8 +10,8 @@ Exactness. A step's batch and augmentation depend only on ``(seed, step)``
 (creating its iterator does not touch the global RNG), and checkpoints hold every RNG, so
 ``resume`` continues bit for bit; a resume that changes a setting exactness depends on (seed,
 batch, lr, steps, model, method, data...) is refused, naming the settings (``extend_steps``
-accepts a larger ``steps``: the polynomial schedule then follows the new total from the
-resumed step on).
+accepts a larger ``steps``: the per-step polynomial schedule then follows the new total from
+the resumed step on; the per-epoch one does not depend on the total).
 
 Several processes. The CE (``train`` and the distiller's) is normalized by the *global*
 Σ weight(label) (all-reduced), BatchNorm statistics are synchronized across ranks
@@ -577,7 +577,75 @@ RESUME_MUST_MATCH = (
     "eps", "poly_power", "grad_clip", "amp", "steps", "dataset", "train_split", "height", "label_scale", "void",
     "max_translate", "hflip", "normalize", "class_weights", "synthetic_train_size", "synthetic_height",
     "synthetic_width", "data_seed", "drop_path_rate", "dropout", "label_resize", "acdc_conditions",
+    "lr_schedule", "max_decay_steps", "steps_per_epoch", "embed_stages", "cwd_norm", "cwd_divergence",
 )
+# What a checkpoint written before a setting existed ran with (its config lacks the key).
+RESUME_DEFAULTS = {"lr_schedule": "poly", "embed_stages": "all", "cwd_norm": "channel", "cwd_divergence": "kl"}
+DISTILL_SETTINGS = ("teacher", "method", "distill_kwargs", "embed_stages", "cwd_norm", "cwd_divergence")
+POLY_EPOCH_SETTINGS = ("max_decay_steps", "steps_per_epoch")   # read by --lr-schedule poly-epoch only
+
+
+def lr_factor(step: int, schedule: str, total: int, power: float, max_decay_steps: int = 1500,
+              steps_per_epoch: int = 1) -> float:
+    """The lr multiplier of 0-based optimizer step ``step`` (the lr of that step is ``lr ·`` this).
+
+    - ``"poly"``: ``(1 − step/total)^power``, to 0 at the end of the run.
+    - ``"poly-epoch"``: the original's ``PolynomialLRDecay(optimizer, max_decay_steps=M,
+      end_learning_rate=0, power=p)`` stepped once per epoch: its constructor already steps once
+      (the first epoch runs at ``e = 1``, not 0), and past M it stops changing the lr (which is
+      then the end lr, 0). So epoch ``e = step // steps_per_epoch + 1`` runs at
+      ``(1 − min(e, M)/M)^p``: ``(lr − end)·(1 − e/M)^p + end`` with end = 0, constant within an
+      epoch. Verified against the package (torch_poly_lr_decay at the commit the original pins)
+      on PyTorch 2.13; PyTorch 1.7.1's scheduler constructor also calls ``step()`` once.
+    """
+    if schedule == "poly":
+        return max(0.0, 1.0 - step / total) ** power
+    if schedule == "poly-epoch":
+        epoch = step // steps_per_epoch + 1
+        return (1.0 - min(epoch, max_decay_steps) / max_decay_steps) ** power
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose 'poly' or 'poly-epoch'")
+
+
+def default_steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """One pass over the training set: ⌈N / global batch⌉ steps, the original's ``len(loader)``
+    (``drop_last=False``); the same on every rank (each takes global_batch / world of a step)."""
+    return max(1, math.ceil(num_samples / global_batch))
+
+
+def distiller_kwargs(cfg: TrainConfig) -> dict:
+    """``--distill-kwargs`` plus the recipe flags as constructor arguments of ``cfg.method``.
+
+    ``--embed-stages`` → TransKD's ``embed_stages``; ``--cwd-norm`` / ``--cwd-divergence`` → the
+    ``cwd`` baseline's ``norm`` / ``divergence`` or TransKD's ``cwd_norm`` / ``cwd_divergence``
+    (with ``feature_loss="cwd"``). A non-default flag for a method without that loss, or one
+    that disagrees with the same argument in ``--distill-kwargs``, is a :class:`ConfigError`."""
+    kw = dict(cfg.distill_kwargs or {})
+    method = cfg.method
+    transkd = method.startswith("transkd_")
+
+    def put(flag: str, key: str, value) -> None:
+        if key in kw and str(kw[key]).lower() != str(value).lower():
+            raise ConfigError(f"{flag} {value} conflicts with --distill-kwargs {key}={kw[key]!r}; give it once")
+        kw[key] = value
+
+    embed = str(cfg.embed_stages).strip().lower()
+    if embed != "all":
+        if not transkd:
+            raise ConfigError(f"--embed-stages {embed}: --method {method} has no embedding loss (the TransKD methods "
+                              "have one)")
+        put("--embed-stages", "embed_stages", embed)
+    names = ("norm", "divergence") if method == "cwd" else ("cwd_norm", "cwd_divergence")
+    for flag, key, value, default in (("--cwd-norm", names[0], cfg.cwd_norm, "channel"),
+                                      ("--cwd-divergence", names[1], cfg.cwd_divergence, "kl")):
+        if value == default:
+            continue
+        if not (method == "cwd" or (transkd and kw.get("feature_loss", "hcl") == "cwd")):
+            what = (f"the feature loss of --method {method} is {kw.get('feature_loss', 'hcl')!r}" if transkd
+                    else f"--method {method} has no CWD loss")
+            raise ConfigError(f"{flag} {value}: {what}; CWD is --method cwd, or a TransKD method with "
+                              "--distill-kwargs '{\"feature_loss\": \"cwd\"}'")
+        put(flag, key, value)
+    return kw
 
 
 def run_files(out: str) -> list[str]:
@@ -640,14 +708,18 @@ def _changed_settings(old: dict, cfg: TrainConfig, kind: str) -> list[tuple[str,
     now = asdict(cfg)
     out = []
     for k in RESUME_MUST_MATCH:
-        if k not in old or k not in now:
+        if k not in now or (k not in old and k not in RESUME_DEFAULTS):
             continue
-        if kind == "train" and k in ("teacher", "method", "distill_kwargs"):
+        if kind == "train" and k in DISTILL_SETTINGS:
+            continue
+        if k in POLY_EPOCH_SETTINGS and cfg.lr_schedule != "poly-epoch":
             continue
         if k == "steps" and cfg.extend_steps and now[k] >= old[k]:
             continue
-        a, b = old[k], now[k]
-        if isinstance(a, float) or isinstance(b, float):
+        a, b = old.get(k, RESUME_DEFAULTS.get(k)), now[k]
+        if k == "embed_stages":
+            same = str(a).strip().lower() == str(b).strip().lower()
+        elif isinstance(a, float) or isinstance(b, float):
             same = a is not None and b is not None and float(a) == float(b)
         else:
             same = a == b
@@ -714,6 +786,7 @@ def _logit_grid(images: torch.Tensor) -> tuple[int, int]:
 def _run(cfg: TrainConfig, kind: str) -> RunResult:
     validate_train_config(cfg)
     require_tensorboard(cfg)
+    kd_kwargs = distiller_kwargs(cfg) if kind == "distill" else {}  # refused flags fail before any set-up
     apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_allocator == "tuned":
@@ -771,7 +844,7 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
 
         teacher = build_network(cfg.teacher, info.num_outputs, 0.0, 0.0)
         module = build_distiller(cfg.method, model, teacher, class_weights=info.class_weights,
-                                 ignore_index=info.ignore_index, **cfg.distill_kwargs)
+                                 ignore_index=info.ignore_index, **kd_kwargs)
         if cfg.teacher_weights:
             reports.append(("teacher weights", load_weights(
                 teacher, cfg.teacher_weights, flag="--teacher-weights", model_name=cfg.teacher,
@@ -805,12 +878,16 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
         [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                weight_decay=cfg.weight_decay)
-    total, power = cfg.steps, cfg.poly_power
+    total = cfg.steps
+    spe = cfg.steps_per_epoch or default_steps_per_epoch(len(train_ds), cfg.batch_size)
 
-    def poly(s: int) -> float:
-        return max(0.0, 1.0 - s / total) ** power
+    def factor(s: int) -> float:
+        return lr_factor(s, cfg.lr_schedule, total, cfg.poly_power, cfg.max_decay_steps, spe)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+    if cfg.lr_schedule == "poly-epoch" and main:
+        print(f"lr schedule poly-epoch: {spe} steps per epoch, decay over {cfg.max_decay_steps} epochs; this run "
+              f"ends in epoch {(total - 1) // spe + 1} at lr {cfg.lr * factor(total - 1):.4g}", flush=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp == "fp16" and device.type == "cuda") else None
 
     start_step, restored_rng = 0, None
@@ -824,7 +901,7 @@ def _run(cfg: TrainConfig, kind: str) -> RunResult:
         old_steps = (ckpt.get("config") or {}).get("steps", total)
         if old_steps != total:  # --extend-steps: the schedule follows the new total from here on
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * poly(start_step)
+                group["lr"] = base * factor(start_step)
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         states = ckpt["rng"]
         restored_rng = states[rank] if len(states) == world else states[0]
