@@ -81,8 +81,8 @@ def test_evaluate_quarter_and_full(tmp_path):
     assert set(out) == {"quarter", "full"}
     assert out["quarter"]["pixels"] * 16 == pytest.approx(out["full"]["pixels"], rel=0.1)
     assert (tmp_path / "e" / "eval.json").exists()
-    with pytest.raises(ValueError, match="CUDA-only"):
-        train(TrainConfig(output_dir=str(tmp_path / "amp"), steps=1, amp="bf16", **TINY))
+    with pytest.raises(ValueError, match="CUDA-only"):  # fp16 autocast: CUDA only (bf16 runs on CPU too)
+        train(TrainConfig(output_dir=str(tmp_path / "amp"), steps=1, amp="fp16", device="cpu", **TINY))
 
 
 def _torchrun() -> str:

@@ -89,11 +89,14 @@ def test_fast_path_conditions():
         assert onednn.fast_path(x)
         assert not onednn.fast_path(x.double())
         assert not onednn.fast_path(x.half())
+        assert onednn.fast_path(x.bfloat16()) is onednn.BF16_AVAILABLE  # bf16 primitives where the CPU has them
         with transkd_fast.use_backend("reference"):  # the original-style baseline stays plain ATen
             assert not onednn.fast_path(x)
         with transkd_fast.use_backend("torch"):
             assert onednn.fast_path(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast chooses F.linear's dtypes
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in bf16, as autocast's F.linear
+            assert onednn.compute_dtype(x) == (torch.bfloat16 if onednn.BF16_AVAILABLE else None)
+        with torch.autocast("cpu", dtype=torch.float16):  # any other autocast dtype: ATen's ops
             assert not onednn.fast_path(x)
 
 

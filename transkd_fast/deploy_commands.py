@@ -86,6 +86,8 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="ImageNet mean/std normalization (default: as recorded in a training checkpoint, else no)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32 | bf16: weights and activations in bfloat16, logits back in fp32 (default: fp32)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
 
 
@@ -101,7 +103,8 @@ def _run_predict(args: argparse.Namespace) -> int:
                   outputs=outputs, overlay=args.overlay, alpha=args.alpha, batch_size=args.batch_size,
                   height=args.height if args.height is not None else loaded.height,
                   normalize=loaded.normalize if args.normalize is None else args.normalize,
-                  dataset=args.dataset or loaded.dataset, device=device, progress=args.progress)
+                  dataset=args.dataset or loaded.dataset, device=device, progress=args.progress,
+                  precision=args.precision)
     print(f"predicted {res.images} images in {res.batches} batches: {len(res.files)} PNGs under {args.output_dir}")
     return 0
 

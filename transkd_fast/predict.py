@@ -16,7 +16,8 @@ the model was trained with ``--normalize``: read from a training checkpoint, els
 to ``--height`` if given (bilinear, aspect kept), logits upsampled bilinearly to the image's own
 size, argmax over the classes — a void output (the paper's 20-output recipe) is never predicted.
 Images of equal size are batched (``--batch-size``); sizes are not padded to share a batch, since
-padding changes what the model sees.
+padding changes what the model sees. ``--precision bf16`` runs the network in bfloat16
+(:mod:`transkd_fast.precision`); its logits come back in fp32 before the upsampling and argmax.
 """
 
 from __future__ import annotations
@@ -153,15 +154,18 @@ def _save_ids(ids: np.ndarray, path: str) -> None:
 def predict(model: torch.nn.Module, inputs: Sequence[str], output_dir: str, *, num_classes: Optional[int] = None,
             outputs: Sequence[str] = ("color", "ids"), overlay: bool = False, alpha: float = 0.5,
             batch_size: int = 4, height: Optional[int] = None, normalize: bool = False, dataset: Optional[str] = None,
-            device: Optional[torch.device] = None, progress: bool = True) -> PredictResult:
+            device: Optional[torch.device] = None, progress: bool = True, precision: str = "fp32") -> PredictResult:
     """Segment ``inputs`` (files, folders, globs) with ``model`` and write the PNGs (module doc).
 
     ``num_classes``: the outputs that are classes (default: all of the model's); the rest (the
-    void output) are never predicted.
+    void output) are never predicted. ``precision="bf16"`` casts ``model`` to bf16 in place
+    (:func:`transkd_fast.precision.prepare_for_inference`) and runs it in
+    :func:`~transkd_fast.precision.inference_context`.
     """
     from transkd_fast.data.base import read_image
     from transkd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from transkd_fast.engine.viz import colorize
+    from transkd_fast.precision import check_precision, inference_context, prepare_for_inference
 
     outputs = list(dict.fromkeys(outputs))
     bad = [o for o in outputs if o not in OUTPUT_KINDS]
@@ -181,13 +185,17 @@ def predict(model: torch.nn.Module, inputs: Sequence[str], output_dir: str, *, n
                          f"this one predicts {k} classes")
     if not outputs and not overlay:
         raise ValueError("nothing to write: give --outputs and/or --overlay")
+    check_precision(precision)
     _, palette = dataset_classes(k, dataset)
     items = collect_inputs(inputs)
     groups = batches(items, batch_size, height)
     device = device or next(model.parameters()).device
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) if normalize else None
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) if normalize else None
-    model.eval()
+    if precision == "fp32":
+        model.eval()
+    else:
+        prepare_for_inference(model, precision)  # eval mode, weights cast to bf16 once
     result = PredictResult(len(items), len(groups))
     bar = None
     if progress:
@@ -206,7 +214,7 @@ def predict(model: torch.nn.Module, inputs: Sequence[str], output_dir: str, *, n
             x = torch.stack(net_in)
             if mean is not None:
                 x = (x - mean) / std
-            with torch.no_grad():
+            with inference_context(precision, device) if precision != "fp32" else torch.no_grad():
                 logits = model(x.to(device))
             if isinstance(logits, (tuple, list)):
                 logits = logits[1] if len(logits) == 3 else logits[0]

@@ -1,7 +1,9 @@
 """``transkd-fast report`` and ``transkd-fast bench``.
 
-- ``report [--model segformer_b0] [--input 512 1024] [--classes 20]``: params, fvcore FLOPs in
-  both conventions (full; paper = without the attention matmuls), measured throughput.
+- ``report [--model segformer_b0] [--input 512 1024] [--classes 20] [--precision fp32|bf16]``:
+  params, fvcore FLOPs in both conventions (full; paper = without the attention matmuls),
+  measured throughput (``bf16``: the model cast by :func:`transkd_fast.precision.prepare_for_inference`
+  and timed in :func:`~transkd_fast.precision.inference_context`; FLOPs are counted on the fp32 model).
 - ``report --paper``: the paper's model zoo (design §1) with our numbers beside the paper's and
   the original code's fvcore counts.
 - ``report --traffic``: the MODELED memory traffic of each fused op vs its reference.
@@ -71,6 +73,8 @@ def _add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traffic", action="store_true", help="print the MODELED memory traffic of the fused ops")
     p.add_argument("--throughput", action="store_true", help="with --paper: also time each row")
     p.add_argument("--no-throughput", action="store_true", help="single model: skip the timing")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="single model: time the network in fp32 or bf16 (weights and activations in bfloat16)")
     p.add_argument("--compile", action="store_true",
                    help=f"compile every recorded Triton launch for sm_80/sm_90 and write {COMPILE_REPORT} "
                         "(exit 1 on a failure or spill)")
@@ -104,6 +108,10 @@ def _run_report(args: argparse.Namespace) -> int:
         rows = traffic.traffic_table()
         print(traffic.markdown(rows))
         result["traffic"] = rows
+    if args.precision != "fp32" and (args.paper or args.traffic):
+        from transkd_fast.engine.config import ConfigError
+
+        raise ConfigError(f"--precision {args.precision} times a single model: drop --paper / --traffic")
     if args.paper:
         rows = flops.zoo(tuple(args.input), num_classes=args.classes, throughput=args.throughput, device=args.device)
         print(zoo_markdown(rows, tuple(args.input)))
@@ -113,10 +121,18 @@ def _run_report(args: argparse.Namespace) -> int:
 
         model = build_model(args.model, num_classes=args.classes).to(args.device).eval()
         size = (args.batch, 3, *args.input)
-        rep = flops.report(model, size, name=args.model, throughput=not args.no_throughput,
-                           device=torch.device(args.device))
+        timed_here = not args.no_throughput and args.precision == "fp32"
+        rep = flops.report(model, size, name=args.model, throughput=timed_here, device=torch.device(args.device))
         with flops.original_head(model):
             orig = flops.analyze(model, torch.randn(size, device=args.device))
+        rep.extra["precision"] = args.precision
+        if not args.no_throughput and not timed_here:
+            from transkd_fast.precision import inference_context, prepare_for_inference
+
+            prepare_for_inference(model, args.precision)  # after the FLOP count, which traces the fp32 model
+            with inference_context(args.precision, args.device):
+                t = flops.measure_throughput(model, torch.randn(size, device=args.device))
+            rep.images_per_s, rep.seconds = t["images_per_s"], t["seconds"]
         rep.extra["GFLOPs as run"] = "(the numbers above: what this model executes, e.g. its folded decode head)"
         rep.extra["GFLOPs original"] = (f"full {orig.full / 1e9:.2f}, paper {orig.paper / 1e9:.2f} "
                                         "(decode head unfolded, as the original / the paper count it)")

@@ -79,6 +79,7 @@ from transkd_fast.engine.inference import Inference, infer
 from transkd_fast.engine.metrics import ConfusionMatrix, json_safe
 from transkd_fast.engine.tb import close_tensorboard, open_tensorboard, require_tensorboard
 from transkd_fast.engine.viz import plot_curves, save_predictions
+from transkd_fast.precision import check_precision, inference_context, prepare_for_inference
 from transkd_fast.runtime import tune_cpu_allocator
 
 VOID = 255
@@ -119,13 +120,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_context(amp: str, device: torch.device):
+    """``--amp``: none | bf16 (CUDA and CPU autocast) | fp16 (CUDA only: CPU fp16 matmuls are
+    slow, and fp16 needs the GradScaler, which is CUDA-only here)."""
     if amp in (None, "none"):
         return nullcontext()
     if amp not in ("bf16", "fp16"):
         raise ValueError(f"amp must be none | bf16 | fp16, got {amp!r}")
-    if device.type != "cuda":
-        raise ValueError(f"AMP ({amp}) is CUDA-only; this run is on {device.type} (use --amp none)")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--amp fp16 is CUDA-only; this run is on {device.type} (use --amp bf16 or none)")
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"--amp {amp}: autocast runs on cuda or cpu here, not {device.type} (use --amp none)")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @dataclass
@@ -211,15 +216,19 @@ def apply_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(int(threads))
 
 
-def run_header(what: str, device: torch.device, amp: str, world: int = 1) -> tuple[str, dict]:
-    """The run's first log line and its record: device, process group, dtype, threads, and the
-    backend each registered op resolves to for a tensor of the run's device and dtype."""
+def run_header(what: str, device: torch.device, amp: str, world: int = 1,
+               precision: str = "fp32") -> tuple[str, dict]:
+    """The run's first log line and its record: device, process group, dtype (weights' precision,
+    autocast), threads, and the backend each registered op resolves to for a tensor of the run's
+    device and dtype."""
     from transkd_fast import get_backend
     from transkd_fast.backend import registered_ops, resolve
     from transkd_fast.ops import load_all
 
     load_all()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+    if precision == "bf16":
+        dtype = torch.bfloat16
     probe = torch.zeros(1, 4, 1, 32, device=device, dtype=dtype)
     backends = {}
     for op in registered_ops():
@@ -234,6 +243,8 @@ def run_header(what: str, device: torch.device, amp: str, world: int = 1) -> tup
     if world > 1 and torch.distributed.is_initialized():
         group += f" ({torch.distributed.get_backend()})"
     dt = "float32" if amp in (None, "none") else f"{str(dtype).replace('torch.', '')} autocast, float32 weights"
+    if precision == "bf16":  # --precision bf16: weights cast once (transkd_fast.precision), autocast(bf16) around
+        dt = "bfloat16 weights and activations (bfloat16 autocast), float32 logits"
     line = (f"{what}: device {dev}, {group}, dtype {dt}, threads {torch.get_num_threads()}, "
             f"backend {get_backend()}: {', '.join(f'{k}={v}' for k, v in backends.items())}")
     rec = {"event": "run", "what": what, "device": str(device), "world": world, "dtype": dt,
@@ -274,10 +285,12 @@ def global_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: Optio
 
 @torch.no_grad()
 def _predict(model: nn.Module, images: torch.Tensor, out_size, amp: str, device: torch.device,
-             inference: Optional[Inference] = None) -> torch.Tensor:
+             inference: Optional[Inference] = None, precision: str = "fp32") -> torch.Tensor:
     """Class ids ``[B, *out_size]``: the argmax of :func:`~transkd_fast.engine.inference.infer`'s
-    scores at ``out_size`` (``device`` is the images'; kept for callers)."""
-    return infer(model, images, inference, out_size=out_size, amp=amp).argmax(1)
+    scores at ``out_size`` (``device`` is the images'; kept for callers), under
+    :func:`~transkd_fast.precision.inference_context` when ``precision`` is not fp32."""
+    with inference_context(precision, device) if precision != "fp32" else nullcontext():
+        return infer(model, images, inference, out_size=out_size, amp=amp).float().argmax(1)
 
 
 # The evaluation protocols of ``evaluate --protocol`` (see :func:`_evaluate_config`): for each,
@@ -293,7 +306,7 @@ OUR_RESOLUTIONS = {"quarter": 4, "full": 1}
 def evaluate(model_or_cfg: Union[nn.Module, EvalConfig], loader=None, *, num_classes: Optional[int] = None,
              class_names=None, device: Optional[torch.device] = None, amp: str = "none",
              progress: bool = False, desc: str = "eval", inference: Optional[Inference] = None,
-             absent: str = "skip") -> dict:
+             absent: str = "skip", precision: str = "fp32") -> dict:
     """mIoU, per-class IoU / accuracy and pixel accuracy (see :mod:`transkd_fast.engine.metrics`).
 
     ``evaluate(model, loader)``: ``loader`` yields ``(images, labels)``; the scores of
@@ -341,9 +354,10 @@ def evaluate(model_or_cfg: Union[nn.Module, EvalConfig], loader=None, *, num_cla
         for batch in it:
             images, labels = batch[0].to(device), batch[1].to(device)
             if len(batch) < 3:
-                conf.update(_predict(model, images, labels.shape[-2:], amp, device, inference), labels)
+                conf.update(_predict(model, images, labels.shape[-2:], amp, device, inference, precision), labels)
                 continue
-            scores = infer(model, images, inference, out_size=images.shape[-2:], amp=amp)
+            with inference_context(precision, device) if precision != "fp32" else nullcontext():
+                scores = infer(model, images, inference, out_size=images.shape[-2:], amp=amp).float()
             for i, (h, w, lh, lw) in enumerate(batch[2].tolist()):
                 s = scores[i:i + 1, :, :h, :w]  # this image, its padding cut off
                 if (h, w) != (lh, lw):
@@ -370,14 +384,15 @@ def _eval_loader(ds, batch_size: int, num_workers: int = 0, sizes: bool = False)
                                        num_workers=num_workers, collate_fn=_collate_sizes if sizes else pad_collate)
 
 
-def _vis_rows(model, ds, n: int, device, amp, inference: Optional[Inference] = None) -> list:
+def _vis_rows(model, ds, n: int, device, amp, inference: Optional[Inference] = None,
+              precision: str = "fp32") -> list:
     """``(image, label, prediction)`` of the first ``n`` samples; the prediction on the label's grid."""
     rows = []
     model_was = model.training
     model.eval()
     for i in range(min(n, len(ds))):
         img, lab = ds[i]
-        pred = _predict(model, img[None].to(device), lab.shape[-2:], amp, device, inference)[0].cpu()
+        pred = _predict(model, img[None].to(device), lab.shape[-2:], amp, device, inference, precision)[0].cpu()
         rows.append((img, lab, pred))
     model.train(model_was)
     return rows
@@ -439,7 +454,10 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
     apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
-    line, _rec = run_header(f"evaluate {cfg.model}", device, cfg.amp, world)
+    check_precision(cfg.precision)
+    if cfg.precision == "bf16" and cfg.amp == "fp16":
+        raise ConfigError("--precision bf16 and --amp fp16 exclude each other (use --amp none or bf16)")
+    line, _rec = run_header(f"evaluate {cfg.model}", device, cfg.amp, world, cfg.precision)
     if rank == 0:
         print(line, flush=True)
     probe = make_dataset(cfg, cfg.split, train=False)
@@ -453,6 +471,8 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
     else:
         print("warning: evaluate without --weights: the model is randomly initialized")
     model.to(device).eval()
+    if cfg.precision != "fp32":
+        prepare_for_inference(model, cfg.precision)
     if cfg.protocol == "ours":
         wanted = list(OUR_RESOLUTIONS) if cfg.resolution == "both" else [cfg.resolution]
         runs = [(mode, OUR_RESOLUTIONS[mode], "height", "skip") for mode in wanted]
@@ -465,7 +485,7 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
         loader = _eval_loader(ds, cfg.batch_size, cfg.num_workers, sizes=labels == "native")
         results[key] = evaluate(model, loader, num_classes=info.num_classes, class_names=info.class_names,
                                 device=device, amp=cfg.amp, progress=cfg.progress and rank == 0,
-                                desc=f"eval {key}", inference=inference, absent=absent)
+                                desc=f"eval {key}", inference=inference, absent=absent, precision=cfg.precision)
     if cfg.output_dir and rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         doc = {"config": asdict(cfg), "protocol": _protocol_record(cfg, info.num_classes, inference),
@@ -477,8 +497,8 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
             ds = make_dataset(cfg, cfg.split, train=False) if cfg.protocol == "ours" else \
                 _protocol_dataset(cfg, runs[0][1], runs[0][2])
             save_predictions(os.path.join(cfg.output_dir, "predictions.png"),
-                             _vis_rows(model, ds, cfg.num_vis, device, cfg.amp, inference), info.palette,
-                             info.num_classes, info.mean, info.std)
+                             _vis_rows(model, ds, cfg.num_vis, device, cfg.amp, inference, cfg.precision),
+                             info.palette, info.num_classes, info.mean, info.std)
     return results
 
 

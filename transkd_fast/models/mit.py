@@ -263,9 +263,11 @@ class MixFFN(nn.Module):
     """fc1 → dwconv → GELU (exact) → fc2.
 
     Training with grad on a non-reference backend (the student) uses :class:`_LeanMixFFN`,
-    which saves only ``x`` and recomputes the hidden activations in backward; eval, no-grad
-    (the teacher), tracing, autocast and the ``reference`` backend run the plain modules; without
-    autograd (outside ``reference`` and tracing) GELU runs in place, with the same values.
+    which saves only ``x`` and recomputes the hidden activations in backward (under autocast in
+    autocast's dtype: its inputs and weights cast as autocast casts them for the Linears and the
+    conv); eval, no-grad (the teacher), tracing and the ``reference`` backend run the plain
+    modules; without autograd (outside ``reference`` and tracing) GELU runs in place, with the
+    same values.
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -277,7 +279,6 @@ class MixFFN(nn.Module):
     def _lean(self, x: torch.Tensor) -> bool:
         return (self.training and torch.is_grad_enabled() and get_backend() != "reference"
                 and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                and not autocast_enabled(x)
                 and x.is_contiguous() and x.dim() == 3)
 
     def forward(self, x: torch.Tensor, H: int, W: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -285,8 +286,14 @@ class MixFFN(nn.Module):
         conv = self.dwconv.dwconv
         hooked = hooks_registered(self.fc1, self.dwconv, conv, self.fc2)
         if not hooked and self._lean(x):
-            return _LeanMixFFN.apply(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
-                                     self.fc2.weight, self.fc2.bias, H, W)
+            params = (self.fc1.weight, self.fc1.bias, conv.weight, conv.bias, self.fc2.weight, self.fc2.bias)
+            if autocast_enabled(x):
+                # Autocast casts fc1's, the conv's and fc2's operands to its dtype (all three are on
+                # its lower-precision list) and leaves GELU in that dtype: cast them here, where
+                # autograd records the casts, and the lean Function runs wholly in that dtype.
+                dt = torch.get_autocast_dtype(x.device.type)
+                x, params = x.to(dt), tuple(p.to(dt) for p in params)
+            return _LeanMixFFN.apply(x, *params, H, W)
         if residual is not None:
             if not onednn.fast_path(x):
                 raise RuntimeError("MixFFN: `residual` is fused only on the oneDNN inference path")

@@ -26,6 +26,7 @@ Stage features arrive as NCHW-shaped channels_last tensors (see :mod:`transkd_fa
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -188,23 +189,35 @@ class SegFormerHead(nn.Module):
         return self.linear_fuse(torch.cat(ups, dim=1))
 
     def _folded_weights(self) -> tuple[list[torch.Tensor], torch.Tensor, bool]:
-        """Per-stage composed weights [E, C_i] and the total bias [E]; BN folded in eval."""
+        """Per-stage composed weights [E, C_i] and the total bias [E]; BN folded in eval.
+
+        Composed in fp32 (fp64 for fp64 weights) whatever the weights' dtype and with autocast
+        off, then returned in the weights' dtype: the fold is a change of parameters, not part of
+        the computation, so bf16 weights (``prepare_for_inference``) are rounded once, as the
+        unfolded head's are, and under autocast the matmuls that use them still run in
+        autocast's dtype (:func:`transkd_fast.ops.onednn.linear` casts them as autocast would).
+        """
         E = self.embed_dim
-        wf = self.linear_fuse.conv.weight.view(E, 4 * E)
-        weights, bias = [], None
-        for i in range(4):
-            j = 3 - i  # concat order is [c4, c3, c2, c1]
-            proj = getattr(self, f"linear_c{i + 1}").proj
-            wj = wf[:, j * E:(j + 1) * E]
-            weights.append(wj @ proj.weight)
-            b = wj @ proj.bias
-            bias = b if bias is None else bias + b
-        bn = self.linear_fuse.bn
-        bn_folded = not bn.training and bn.track_running_stats and bn.running_var is not None
-        if bn_folded:
-            g = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            weights = [w * g[:, None] for w in weights]
-            bias = (bias - bn.running_mean) * g + bn.bias
+        conv_w = self.linear_fuse.conv.weight
+        dt = torch.promote_types(conv_w.dtype, torch.float32)
+        with torch.autocast(conv_w.device.type, enabled=False) if autocast_enabled(conv_w) else nullcontext():
+            wf = conv_w.view(E, 4 * E).to(dt)
+            weights, bias = [], None
+            for i in range(4):
+                j = 3 - i  # concat order is [c4, c3, c2, c1]
+                proj = getattr(self, f"linear_c{i + 1}").proj
+                wj = wf[:, j * E:(j + 1) * E]
+                weights.append(wj @ proj.weight.to(dt))
+                b = wj @ proj.bias.to(dt)
+                bias = b if bias is None else bias + b
+            bn = self.linear_fuse.bn
+            bn_folded = not bn.training and bn.track_running_stats and bn.running_var is not None
+            if bn_folded:
+                g = bn.weight.to(dt) * torch.rsqrt(bn.running_var.to(dt) + bn.eps)
+                weights = [w * g[:, None] for w in weights]
+                bias = (bias - bn.running_mean.to(dt)) * g + bn.bias.to(dt)
+        if dt != conv_w.dtype:
+            weights, bias = [w.to(conv_w.dtype) for w in weights], bias.to(conv_w.dtype)
         return weights, bias, bn_folded
 
     def _folded_sum(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool, tuple[int, int]]:

@@ -16,7 +16,10 @@ Backends:
   flash kernel for CPU; its backward runs one thread per (batch, head), so the backward cuts
   the query axis into chunks when there are fewer pairs than threads (MiT stage 1 has one
   head), and rows the kernel takes for fully masked (all-NaN scores with few keys) are set
-  to NaN as in the reference (:func:`_cpu_nan_rows`). On CUDA: the kernel SDPA itself picks
+  to NaN as in the reference (:func:`_cpu_nan_rows`). bf16 on CPU without autograd
+  (inference, the teacher under bf16 autocast) takes :func:`_cpu_bf16_inference` instead,
+  plain ATen ops per query chunk: SDPA's CPU flash kernel is no faster in bf16 than in fp32
+  on CPUs without AMX, where oneDNN's bf16 GEMMs are. On CUDA: the kernel SDPA itself picks
   (``torch._fused_sdp_choice``: flash, cuDNN or mem-efficient, as ``torch.backends.cuda``
   allows), forward and backward, its LSE sliced to ``[B, H, Nq]``; where SDPA would fall back
   to its math path (fp64), a materialized math path with the LSE.
@@ -174,6 +177,45 @@ def _cpu_nan_rows(q, k, out, lse, scale):
     out.masked_fill_(bad.transpose(1, 2).unsqueeze(-1), float("nan"))
     lse.masked_fill_(bad, float("nan"))
     return out, lse
+
+
+# Scores per query chunk of the CPU bf16 inference path: 2^20 bf16 values (2 MiB, about an L2).
+_BF16_CHUNK_SCORES = 1 << 20
+
+
+def _cpu_bf16_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """bf16 attention on CPU without autograd; q ``[B, Nq, H, D]``, k/v ``[B, Nkv, H, D]`` bf16
+    (strided views allowed) → contiguous ``[B, Nq, H, D]`` bf16. Per chunk of query rows::
+
+        S = q_c (scale · k)ᵀ       bf16 GEMM (fp32 accumulation), S rounded to bf16
+        P = softmax(S)             max, exp and sum in fp32 (ATen's bf16 softmax), P rounded to bf16
+        O_c = P v                  bf16 GEMM (fp32 accumulation), rounded to bf16
+
+    Against the fp32 math the error is a few bf16 roundings (S, P, O and scale·k): ‖ΔO‖/‖O‖
+    about 5e-3 on random inputs, where SDPA's flash kernel (S kept in fp32) gives about 2e-3.
+    Rows whose scores are all NaN or -inf give NaN, as in the reference. S is materialized one
+    chunk at a time (:data:`_BF16_CHUNK_SCORES` values), never the whole [Nq, Nkv] map.
+    """
+    B, Nq, H, D = q.shape
+    Nkv = k.shape[1]
+    kt = (k * scale).permute(0, 2, 3, 1).contiguous()  # [B, H, D, Nkv], small: Nkv rows
+    vt = v.transpose(1, 2).contiguous()                 # [B, H, Nkv, D]
+    qt = q.transpose(1, 2)                              # [B, H, Nq, D] view
+    out = q.new_empty(B, Nq, H, D)
+    rows = max(64, _BF16_CHUNK_SCORES // (B * H * Nkv))
+    for s in range(0, Nq, rows):
+        p = torch.softmax(torch.matmul(qt[:, :, s:s + rows], kt), dim=-1)
+        out[:, s:s + rows] = torch.matmul(p, vt).transpose(1, 2)
+    return out
+
+
+def _cpu_bf16_applies(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The torch backend on CPU bf16 tensors with no autograd recording, outside tracing,
+    scripting and compiling (where the custom op is the one node to record)."""
+    return (name == "torch" and q.device.type == "cpu" and q.dtype == torch.bfloat16
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and all(type(t) is torch.Tensor for t in (q, k, v))  # not fake / functional tensors
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()))
 
 
 def _cpu_query_chunks(B: int, H: int, Nq: int) -> int:
@@ -386,4 +428,6 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     name = resolve(OP, q, k, v, backend=backend)
     if name == "reference":
         return efficient_attention_reference(q, k, v, scale)
+    if _cpu_bf16_applies(name, q, k, v):
+        return _cpu_bf16_inference(q, k, v, scale)
     return _attention_op(q, k, v, scale, name)[0]

@@ -13,12 +13,22 @@ runs an MKL GEMM over it (one extra write and read of the output), and on this p
 machines (AMD EPYC, AVX-512, 2 cores) it ran the MiT-B2 Linear shapes at 67–165 GFLOP/s where
 oneDNN ran them at 130–190 (the thin stage-1 shapes, K or N = 64, at about half oneDNN's rate).
 
-The fast path is taken only for fp32 CPU tensors with autograd off, outside tracing,
-scripting, autocast and ``torch.compile``, and never under the ``reference`` backend (the
-original-style baseline). With autograd on, :func:`linear` still runs its forward matmul in
-oneDNN (:class:`_Linear`; the backward is ATen's, as for ``F.linear``). Results equal the
-plain path up to float rounding (different summation order), the same latitude as any GEMM
-library change.
+Precision: the fast path computes in fp32 or bf16 (:func:`compute_dtype`). fp32 tensors run fp32;
+bf16 tensors (a model cast by :func:`transkd_fast.precision.prepare_for_inference`) run oneDNN's
+bf16 primitives (AVX512-BF16 / AMX where the CPU has them: bf16 products, fp32 accumulation, one
+rounding of the output to bf16). Under CPU autocast with dtype bf16 the inputs, weights and bias
+are cast to bf16 first, exactly what autocast does for ``F.linear`` / ``F.conv2d`` (both on its
+lower-precision list), so the output is bf16 as autocast's would be; a residual is added into that
+bf16 output, as the plain path's in-place ``add_`` does. Autocast with another dtype (fp16 on
+CPU), fp16/fp64 tensors, or a bf16 tensor on a CPU without oneDNN bf16 support take the plain ATen
+ops, which then pick the dtypes themselves: never an fp32 matmul in place of the bf16 one asked for.
+
+The fast path is taken only for fp32 or bf16 CPU tensors (weights of the tensor's dtype outside
+autocast), outside tracing, scripting and ``torch.compile``, and never under the ``reference``
+backend (the original-style baseline). With autograd on, :func:`linear` still runs its forward
+matmul in oneDNN (:class:`_Linear`; the backward is ATen's, as for ``F.linear``, in the forward's
+dtype). Results equal the plain path up to float rounding (different summation order), the same
+latitude as any GEMM library change.
 """
 
 from __future__ import annotations
@@ -43,22 +53,58 @@ def _have_ops() -> bool:
 AVAILABLE = _have_ops()
 
 
-def _eligible(x: torch.Tensor) -> bool:
-    """fp32 CPU tensor, oneDNN ops present, not tracing/scripting/compiling, not the reference backend."""
-    if not (AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32):
+def _have_bf16() -> bool:
+    try:
+        return AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
         return False
+
+
+# oneDNN runs bf16 primitives on this CPU (AVX512-BW or newer; AVX512-BF16 / AMX make them fast).
+BF16_AVAILABLE = _have_bf16()
+
+
+def compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the oneDNN path computes ``x``'s op in, or None when it steps aside.
+
+    fp32 for an fp32 tensor, bf16 for a bf16 one, bf16 under CPU autocast(bf16) for either;
+    None on other devices and dtypes, under autocast with another dtype, while tracing,
+    scripting or compiling, for fake/functional tensors and under the ``reference`` backend.
+    """
+    if not (AVAILABLE and x.device.type == "cpu"):
+        return None
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
-    if torch.is_autocast_enabled("cpu"):  # autocast picks the dtypes of F.linear & co.; keep its ops
-        return False
+        return None
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # fake / functional tensors
-        return False
-    return get_backend() != "reference"
+        return None
+    if get_backend() == "reference":
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        # autocast casts F.linear / F.conv2d operands to its dtype: do the same, in oneDNN's bf16
+        # primitives; any other autocast dtype keeps ATen's ops (autocast then picks their dtypes)
+        ok = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+        return torch.bfloat16 if ok and BF16_AVAILABLE else None
+    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and BF16_AVAILABLE):
+        return x.dtype
+    return None
+
+
+def _eligible(x: torch.Tensor, *params: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """:func:`compute_dtype`, and outside autocast weights/bias of that dtype too (else None:
+    ``F.linear``'s own dtype error)."""
+    dt = compute_dtype(x)
+    if dt is None or torch.is_autocast_enabled("cpu"):
+        return dt
+    return dt if all(p is None or p.dtype == dt for p in params) else None
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def fast_path(x: torch.Tensor) -> bool:
     """Whether the oneDNN inference path (autograd off) applies to ``x`` in the current state."""
-    return not torch.is_grad_enabled() and _eligible(x)
+    return not torch.is_grad_enabled() and compute_dtype(x) is not None
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -102,16 +148,21 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + residual`` (residual optional); output ``[..., N]`` contiguous.
+    """``F.linear(x, weight, bias) + residual`` (residual optional); output ``[..., N]`` contiguous,
+    in :func:`compute_dtype` (fp32, or bf16 for bf16 tensors and under autocast(bf16)).
 
     With autograd recording (training), eligible inputs go through :class:`_Linear` (oneDNN
-    forward, ATen backward) and the residual, if any, is added out of place.
+    forward, ATen backward) and the residual, if any, is added out of place. Under autocast the
+    casts to bf16 happen before :class:`_Linear`, so autograd records them (gradients of fp32
+    weights come back in fp32, as through autocast's own casts).
     """
-    if torch.is_grad_enabled() and _eligible(x) and x.is_contiguous():
-        out = _Linear.apply(x, weight, bias)
+    dt = _eligible(x, weight, bias)
+    if dt is not None and torch.is_grad_enabled() and x.is_contiguous():
+        out = _Linear.apply(_cast(x, dt), _cast(weight, dt), _cast(bias, dt))
         return out if residual is None else out + residual
-    if fast_path(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
-        return _onednn_linear(x, weight, bias, residual)
+    if dt is not None and not torch.is_grad_enabled() and x.is_contiguous() and (
+            residual is None or residual.is_contiguous()):
+        return _onednn_linear(_cast(x, dt), _cast(weight, dt), _cast(bias, dt), _cast(residual, dt))
     out = F.linear(x, weight, bias)
     return out if residual is None else out.add_(residual)
 
@@ -119,6 +170,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """GELU (exact, erf) of the 3×3 depthwise conv (stride 1, padding 1) of ``x`` ``[B, C, H, W]``."""
     C = x.shape[1]
-    if fast_path(x) and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], C, "gelu", [], "none")
+    dt = _eligible(x, weight, bias)
+    if dt is not None and not torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last):
+        # .to keeps the channels_last strides; under autocast(bf16) these are F.conv2d's own casts
+        return torch.ops.mkldnn._convolution_pointwise(_cast(x, dt), _cast(weight, dt), _cast(bias, dt),
+                                                       [1, 1], [1, 1], [1, 1], C, "gelu", [], "none")
     return F.gelu(F.conv2d(x, weight, bias, 1, 1, 1, C))
