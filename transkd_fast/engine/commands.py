@@ -80,7 +80,7 @@ HELP = {
     "tta_scales": "tta: comma-separated scales",
     "precision": "fp32 | bf16 (weights and activations in bfloat16, any device)",
     "grad_clip": "clip the gradient norm (default: no clipping)",
-    "amp": "none | bf16 | fp16 (CUDA only)",
+    "amp": "none | bf16 (autocast, CPU or CUDA) | fp16 (CUDA only)",
     "seed": "seed of initialization, data order and augmentation",
     "device": "auto | cpu | cuda | cuda:N",
     "num_workers": "DataLoader workers",
