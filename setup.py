@@ -36,6 +36,7 @@ setup(
         "xformers": ["xformers>=0.0.28"],
         # transkd-fast export / --verify: ONNX (onnxscript: torch.onnx's exporter), onnxruntime, HF safetensors
         "deploy": ["onnx>=1.16", "onnxscript", "onnxruntime>=1.17", "safetensors"],
+        "bench": ["openvino>=2024.0"],  # benchmarks/test_deploy.py: OpenVINO beside ONNX Runtime (CPU wheel, no torch)
     },
     entry_points={"console_scripts": ["transkd-fast=transkd_fast.cli:main"]},
 )
