@@ -38,6 +38,7 @@ setup(
         "deploy": ["onnx>=1.16", "onnxscript", "onnxruntime>=1.17", "safetensors"],
         # --tensorboard: event files beside metrics.jsonl (torch.utils.tensorboard's SummaryWriter)
         "tensorboard": ["tensorboard>=2.10"],
+        "bench": ["openvino>=2024.0"],  # benchmarks/test_deploy.py: OpenVINO beside ONNX Runtime (CPU wheel, no torch)
     },
     entry_points={"console_scripts": ["transkd-fast=transkd_fast.cli:main"]},
 )

@@ -13,7 +13,7 @@ PY="$VENV/bin/python"
 stamp="$VENV/.transkd-installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   "$PY" -m pip install -q --upgrade pip
-  extras="test,deploy,tensorboard"
+  extras="test,deploy,tensorboard,bench"
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     extras="test,xformers,tensorboard"
   else

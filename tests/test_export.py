@@ -206,3 +206,38 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--weights", str(tmp_path / "missing.pt"), "--format", "tflite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'tflite' is not a format" in err[0]
+
+
+def test_onnx_graph_is_in_the_forms_onnxruntime_fuses(exported, tmp_path):
+    """Each MixFFN is a chain of convolutions (fc1, fc2 as 1×1 convs: no MatMul for them) and
+    each GELU is the erf pattern ONNX Runtime fuses into one Gelu node (nothing of it left over)."""
+    onnx, ort = _need_onnx()
+    _, out = exported
+    proto = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    blocks = sum(MIT_CONFIGS["b0"][1])
+    # 4 patch embeddings, sr convs in the blocks of stages 1-3, per block a depthwise conv + fc1 + fc2
+    srs = sum(d for d, r in zip(MIT_CONFIGS["b0"][1], MIT_CONFIGS["b0"][4]) if r > 1)
+    assert ops.count("Conv") == 4 + srs + 3 * blocks
+    assert ops.count("Erf") == blocks
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fusions only
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert fused.count("Gelu") == blocks and "Erf" not in fused
+
+
+def test_onnx_forms_compute_the_same_and_are_undone():
+    import transkd_fast
+    from transkd_fast.models.mit import MixFFN
+
+    model = _random_b0(5)
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad(), transkd_fast.use_backend("reference"):
+        ref = model(x)
+        with ex.onnx_forms(model):
+            assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, MixFFN))
+            got = model(x)
+    assert rel_err(got, ref) <= 1e-5
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, MixFFN))
