@@ -161,7 +161,7 @@ class EfficientSelfAttention(nn.Module):
         if self.sr_ratio > 1:
             x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))  # [B, Nkv, C]
         kv = _linear(self.kv, x, hooked).view(B, x.shape[1], 2, h, d)  # row: [k heads | v heads]
-        if onednn.fast_path(q):  # inference on CPU: blocked oneDNN matmuls, no LSE kept
+        if onednn.attention_applies(q, kv):  # CPU inference: blocked oneDNN matmuls, no LSE kept
             out = onednn.attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
         else:
             out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
