@@ -28,18 +28,20 @@ alone (the results record which).
 
 Timing: every runtime is warmed up once, then the runtimes are timed in turn, one call each,
 round after round (the order rotated each round), so that a slow spell of a shared machine hits
-them alike; the numbers compared are the medians of these alternated calls (5 rounds at 512×1024,
-3 at 1024×2048). Each parametrized case then also runs ``benchmark.pedantic`` on its runtime
-alone (few rounds), which is what pytest-benchmark's own table shows.
+them alike, with a pause of ``TRANSKD_DEPLOY_GAP_S`` (0.2 s) before each call so that the
+previous runtime's worker threads have stopped spinning. The numbers compared are the medians
+of these alternated calls (7 rounds at 512×1024, 3 at 1024×2048). Each parametrized case then
+also runs ``benchmark.pedantic`` on its runtime alone (few rounds), which is what
+pytest-benchmark's own table shows.
 
 Agreement: each runtime's logits against ours fp32 (‖out − ref‖ / ‖ref‖); fp32 runtimes fail
 above :data:`FP32_RTOL`, bf16 ones are reported only. ``ours-fp32`` is checked against the
 ``reference`` backend (the original-style eager computation).
 
-After the module, ``benchmarks/results/deploy-<cpu>.{json,md}`` (folder:
-``TRANSKD_DEPLOY_RESULTS``) get the CPU (lscpu model name, AMX and AVX512-BF16 flags), library
-versions, threads, load averages, the table of medians and ratios to ours fp32, and the
-acceptance checks of issue #16 (reported, not asserted: they are speed goals). Cases whose
+After the module, ``benchmarks/results/deploy-<cpu>.{json,md}`` (``deploy-<cpu>-<n>threads`` for
+other thread counts than 2; folder: ``TRANSKD_DEPLOY_RESULTS``) get the CPU (lscpu model name,
+AMX and AVX512-BF16 flags), library versions, threads, load averages, the table of medians and
+ratios to ours fp32, and the acceptance checks of issue #16 (reported, not asserted: they are speed goals). Cases whose
 package is missing (transformers, onnx/onnxscript, onnxruntime, openvino) are skipped.
 
 Run: ``pytest benchmarks/test_deploy.py --benchmark-only`` (not part of the default test run).
@@ -78,8 +80,8 @@ SIZES = [tuple(int(v) for v in s.split("x"))
 
 
 def _rounds(size) -> int:
-    """Alternated rounds: 5 up to 512×1024, 3 above (1024×2048 takes seconds per call)."""
-    return 5 if size[0] * size[1] <= 512 * 1024 else 3
+    """Alternated rounds: 7 up to 512×1024, 3 above (1024×2048 takes seconds per call)."""
+    return 7 if size[0] * size[1] <= 512 * 1024 else 3
 
 
 def _pedantic_rounds(size) -> int:
@@ -87,6 +89,11 @@ def _pedantic_rounds(size) -> int:
     return 2 if size[0] * size[1] <= 512 * 1024 else 1
 RUNTIMES = ["ours-fp32", "ours-bf16", "hf-eager", "ort-hf-export", "ort-ours-export",
             "openvino-f32", "openvino-default"]
+# TRANSKD_DEPLOY_RUNTIMES="a,b": measure only these (the others' cases skip); ours-fp32 is the base.
+_ONLY = [r for r in os.environ.get("TRANSKD_DEPLOY_RUNTIMES", "").split(",") if r]
+# Pause between two timed calls: the runtimes' worker threads (OpenMP, ORT's pool, TBB) spin a
+# while after a call; on a small machine the next runtime would share the cores with them.
+GAP_S = float(os.environ.get("TRANSKD_DEPLOY_GAP_S", "0.2"))
 BASE = "ours-fp32"
 FP32_RTOL = 1e-3
 HF_OPSET = 17
@@ -194,6 +201,9 @@ class Setup:
         self.skipped: dict = {}
         self.runtimes: dict = {}
         for name in RUNTIMES:
+            if _ONLY and name not in _ONLY and name != BASE:
+                self.skipped[name] = "not in TRANSKD_DEPLOY_RUNTIMES"
+                continue
             try:
                 self.runtimes[name] = getattr(self, "_" + name.replace("-", "_"))()
             except pytest.skip.Exception as e:  # importorskip: the package is not installed
@@ -388,6 +398,7 @@ def measure(setup: Setup, size) -> dict:
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            time.sleep(GAP_S)
             t0 = time.perf_counter()
             y = calls[n]()
             out["samples"][n].append(time.perf_counter() - t0)
@@ -489,7 +500,7 @@ def _allocator_state() -> str:
 
 def write_results(setup: Setup, state: dict) -> None:
     cpu = cpu_info()
-    slug = cpu_slug(cpu["model_name"])
+    slug = cpu_slug(cpu["model_name"]) + ("" if THREADS == 2 else f"-{THREADS}threads")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     sizes = sorted(state["measured"])
     data = {"what": "SegFormer-B0 (19 classes) inference, batch 1, CPU; medians of alternated calls",

@@ -154,6 +154,21 @@ def test_attention_rows_fill_a_block_per_thread():
     assert onednn.attention_rows(1000, threads=1) % 16 == 0
 
 
+def test_attention_applies_up_to_a_bounded_number_of_blocks(monkeypatch):
+    monkeypatch.setattr(onednn, "ATTN_MAX_BLOCKS", 4)
+    kv = torch.randn(1, 2048, 2, 1, 32)  # 2048 keys: 128 query rows per block with one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            assert onednn.attention_applies(torch.randn(1, 512, 1, 32), kv)  # 4 blocks
+            assert not onednn.attention_applies(torch.randn(1, 513, 1, 32), kv)  # 5
+            assert not onednn.attention_applies(torch.randn(2, 512, 1, 32), kv)  # 8: batch counts
+        assert not onednn.attention_applies(torch.randn(1, 512, 1, 32), kv)  # autograd on
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_mit_attention_takes_the_blocked_path_only_when_fast(monkeypatch):
     torch.manual_seed(0)
     model = build_model("segformer_b0", num_classes=3).eval()

@@ -161,9 +161,7 @@ class EfficientSelfAttention(nn.Module):
         if self.sr_ratio > 1:
             x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))  # [B, Nkv, C]
         kv = _linear(self.kv, x, hooked).view(B, x.shape[1], 2, h, d)  # row: [k heads | v heads]
-        # fp32 inference on CPU: blocked oneDNN matmuls, no LSE kept. bf16 (weights or autocast)
-        # goes to efficient_attention, whose CPU bf16 path keeps the softmax statistics in fp32.
-        if onednn.fast_path(q) and onednn.compute_dtype(q) == torch.float32:
+        if onednn.attention_applies(q, kv):  # CPU inference: blocked oneDNN matmuls, no LSE kept
             out = onednn.attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
         else:
             out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)

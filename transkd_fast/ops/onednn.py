@@ -183,10 +183,30 @@ def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 _ATTN_BLOCK_ELEMS = 1 << 18
 
 
+# At most this many blocks per call of :func:`attention`. Each block is three parallel calls, and
+# each parallel call ends in a barrier (OpenMP / oneDNN split the work statically): on a shared
+# machine every barrier can wait for a thread the kernel has descheduled. With 2 threads on a
+# loaded 2-core machine, MiT-B0 at 1024×2048 (~6000 blocked calls) ran 4–6× slower than with the
+# one-call flash kernel, while at 512×1024 (≤ 64 blocks per call) the blocked path stayed ahead.
+ATTN_MAX_BLOCKS = 64
+
+
 def attention_rows(n_kv: int, threads: Optional[int] = None) -> int:
     """Query rows per block of :func:`attention`: ~``_ATTN_BLOCK_ELEMS`` scores per thread, ≥ 16."""
     threads = torch.get_num_threads() if threads is None else threads
     return max(16, (_ATTN_BLOCK_ELEMS * threads // max(n_kv, 1)) // 16 * 16)
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether MiT's attention takes :func:`attention`: the inference fast path for ``q``
+    (:func:`fast_path`) in fp32 and at most :data:`ATTN_MAX_BLOCKS` blocks (else PyTorch's flash
+    kernel, one call). bf16 (cast weights or autocast) goes to ``efficient_attention``, whose CPU
+    bf16 path keeps the softmax statistics in fp32 and which autocast sees."""
+    if not fast_path(q) or compute_dtype(q) != torch.float32:
+        return False
+    B, N, H, _ = q.shape
+    rows = attention_rows(k.shape[1])
+    return B * H * -(-N // rows) <= ATTN_MAX_BLOCKS
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
