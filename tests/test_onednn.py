@@ -150,20 +150,22 @@ def test_attention_matches_reference(B, N, H, D, M, rows):
 def test_attention_rows_fill_a_block_per_thread():
     assert onednn.attention_rows(512, threads=1) == 512  # 2^18 scores
     assert onednn.attention_rows(512, threads=2) == 1024
-    assert onednn.attention_rows(100000, threads=1) == 16  # never below 16 rows
-    assert onednn.attention_rows(1000, threads=1) % 16 == 0
+    assert onednn.attention_rows(100000, threads=1) == 256  # never below 256 rows
+    assert onednn.attention_rows(700, threads=1) == 368  # 374 rounded down to a multiple of 16
 
 
 def test_attention_applies_up_to_a_bounded_number_of_blocks(monkeypatch):
     monkeypatch.setattr(onednn, "ATTN_MAX_BLOCKS", 4)
-    kv = torch.randn(1, 2048, 2, 1, 32)  # 2048 keys: 128 query rows per block with one thread
+    kv = torch.randn(1, 2048, 2, 1, 32)  # 2048 keys: 256 query rows per block (the minimum)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(2)
         with torch.no_grad():
-            assert onednn.attention_applies(torch.randn(1, 512, 1, 32), kv)  # 4 blocks
-            assert not onednn.attention_applies(torch.randn(1, 513, 1, 32), kv)  # 5
-            assert not onednn.attention_applies(torch.randn(2, 512, 1, 32), kv)  # 8: batch counts
+            assert onednn.attention_applies(torch.randn(1, 1024, 1, 32), kv)  # 4 blocks
+            assert not onednn.attention_applies(torch.randn(1, 1025, 1, 32), kv)  # 5
+            assert not onednn.attention_applies(torch.randn(2, 1024, 1, 32), kv)  # 8: batch counts
+            torch.set_num_threads(1)  # no barriers with one thread: any number of blocks
+            assert onednn.attention_applies(torch.randn(2, 4096, 3, 32), kv)
         assert not onednn.attention_applies(torch.randn(1, 512, 1, 32), kv)  # autograd on
     finally:
         torch.set_num_threads(threads)

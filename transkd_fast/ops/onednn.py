@@ -179,33 +179,42 @@ def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 # Scores held at once per thread: 2^18 fp32 values (1 MiB, the L2 share of a core on this
-# project's machines), so a block of S = q kᵀ is written, softmaxed and read back in cache.
+# project's machines), so a block of S = q kᵀ is written, softmaxed and read back in cache; but
+# never fewer than 256 query rows: below that the three calls per block cost more than the cache
+# saves (2048 keys, one thread: 128-row blocks 7% slower than 256-row ones).
 _ATTN_BLOCK_ELEMS = 1 << 18
+_ATTN_MIN_ROWS = 256
 
 
-# At most this many blocks per call of :func:`attention`. Each block is three parallel calls, and
-# each parallel call ends in a barrier (OpenMP / oneDNN split the work statically): on a shared
-# machine every barrier can wait for a thread the kernel has descheduled. With 2 threads on a
-# loaded 2-core machine, MiT-B0 at 1024×2048 (~6000 blocked calls) ran 4–6× slower than with the
-# one-call flash kernel, while at 512×1024 (≤ 64 blocks per call) the blocked path stayed ahead.
+# With several threads, at most this many blocks per call of :func:`attention`. Each block is
+# three parallel calls, and each parallel call ends in a barrier (OpenMP / oneDNN split the work
+# statically): on a shared machine every barrier can wait for a thread the kernel has
+# descheduled. With 2 threads on a loaded 2-core machine, MiT-B0 at 1024×2048 (~6000 blocked
+# calls) ran 4–6× slower than with the one-call flash kernel, while at 512×1024 (≤ 64 blocks per
+# call) the blocked path stayed ahead. One thread has no barriers: no limit.
 ATTN_MAX_BLOCKS = 64
 
 
 def attention_rows(n_kv: int, threads: Optional[int] = None) -> int:
-    """Query rows per block of :func:`attention`: ~``_ATTN_BLOCK_ELEMS`` scores per thread, ≥ 16."""
+    """Query rows per block of :func:`attention`: ~``_ATTN_BLOCK_ELEMS`` scores per thread, at
+    least ``_ATTN_MIN_ROWS``, a multiple of 16."""
     threads = torch.get_num_threads() if threads is None else threads
-    return max(16, (_ATTN_BLOCK_ELEMS * threads // max(n_kv, 1)) // 16 * 16)
+    return max(_ATTN_MIN_ROWS, (_ATTN_BLOCK_ELEMS * threads // max(n_kv, 1)) // 16 * 16)
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether MiT's attention takes :func:`attention`: the inference fast path for ``q``
-    (:func:`fast_path`) in fp32 and at most :data:`ATTN_MAX_BLOCKS` blocks (else PyTorch's flash
-    kernel, one call). bf16 (cast weights or autocast) goes to ``efficient_attention``, whose CPU
-    bf16 path keeps the softmax statistics in fp32 and which autocast sees."""
+    (:func:`fast_path`) in fp32 and, with more than one thread, at most :data:`ATTN_MAX_BLOCKS`
+    blocks (else PyTorch's flash kernel, one call). bf16 (cast weights or autocast) goes to
+    ``efficient_attention``, whose CPU bf16 path keeps the softmax statistics in fp32 and which
+    autocast sees."""
     if not fast_path(q) or compute_dtype(q) != torch.float32:
         return False
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return True
     B, N, H, _ = q.shape
-    rows = attention_rows(k.shape[1])
+    rows = attention_rows(k.shape[1], threads)
     return B * H * -(-N // rows) <= ATTN_MAX_BLOCKS
 
 
