@@ -38,7 +38,9 @@ def _calls(device: str, variant: str):
                     cc.record_op_calls("t", calls):
                 kd(images, labels)["loss"].backward()
         else:
-            with transkd_fast.use_backend("torch"), cc.record_op_calls("t", calls):
+            # recording_launches: the CPU-only oneDNN paths (the teacher's no-grad attention) step
+            # aside, as on the GPU the recording models
+            with transkd_fast.use_backend("torch"), backend.recording_launches(), cc.record_op_calls("t", calls):
                 kd(images, labels)["loss"].backward()
     return [(c.fn, [(a.shape, a.stride, a.offset, a.requires_grad) for a in cc._flat(c.args)]) for c in calls]
 

@@ -195,6 +195,11 @@ def recording_launches() -> Iterator[None]:
         _recording_launches = previous
 
 
+def is_recording_launches() -> bool:
+    """Inside :func:`recording_launches`: the run models a GPU's launches (CPU-only paths step aside)."""
+    return _recording_launches
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

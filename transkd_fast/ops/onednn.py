@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from transkd_fast.backend import get_backend
+from transkd_fast.backend import get_backend, is_recording_launches
 
 
 def _have_ops() -> bool:
@@ -77,7 +77,7 @@ def compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
         return None
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # fake / functional tensors
         return None
-    if get_backend() == "reference":
+    if get_backend() == "reference" or is_recording_launches():  # recording models a GPU: no oneDNN there
         return None
     if torch.is_autocast_enabled("cpu"):
         # autocast casts F.linear / F.conv2d operands to its dtype: do the same, in oneDNN's bf16
