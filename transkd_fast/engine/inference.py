@@ -45,6 +45,7 @@ probabilities; the argmax is what the metrics use.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -195,19 +196,23 @@ def _single(model: nn.Module, images: torch.Tensor, inference: Inference, out_si
 
 @torch.no_grad()
 def infer(model: nn.Module, images: torch.Tensor, inference: Optional[Inference] = None,
-          out_size: Optional[Sequence[int]] = None, amp: str = "none") -> torch.Tensor:
+          out_size: Optional[Sequence[int]] = None, amp: str = "none", precision: str = "fp32") -> torch.Tensor:
     """Scores ``[B, C, h, w]`` (float32) of ``images [B, 3, H, W]`` under ``inference`` (default:
     whole, no TTA), at ``out_size`` ``(h, w)`` — default: the model's logit grid (whole), ``H × W``
     (slide, TTA). Logits without TTA, mean softmax probabilities with it (module docstring).
-    ``amp``: ``"none"`` | ``"bf16"`` | ``"fp16"`` autocast (CUDA only). The model is used as it
-    is: put it in eval mode first."""
+    ``amp``: ``"none"`` | ``"bf16"`` (CUDA or CPU) | ``"fp16"`` (CUDA only) autocast.
+    ``precision``: ``"bf16"`` runs inside :func:`transkd_fast.precision.inference_context` (pair it
+    with a model from ``prepare_for_inference``). The model is used as it is: put it in eval mode
+    first."""
     from transkd_fast.engine.trainer import autocast_context  # the trainer imports this module
+    from transkd_fast.precision import inference_context
 
     inference = inference or Inference()
     if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
         raise ValueError("infer: images must be a float tensor [B, 3, H, W], got "
                          f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
-    with autocast_context(amp, images.device):
+    with autocast_context(amp, images.device), \
+            (inference_context(precision, images.device) if precision != "fp32" else contextlib.nullcontext()):
         if inference.tta_scales is None:
             return _single(model, images, inference, out_size)
         h, w = images.shape[-2:]

@@ -79,7 +79,7 @@ from transkd_fast.engine.inference import Inference, infer
 from transkd_fast.engine.metrics import ConfusionMatrix, json_safe
 from transkd_fast.engine.tb import close_tensorboard, open_tensorboard, require_tensorboard
 from transkd_fast.engine.viz import plot_curves, save_predictions
-from transkd_fast.precision import check_precision, inference_context, prepare_for_inference
+from transkd_fast.precision import check_precision, prepare_for_inference
 from transkd_fast.runtime import tune_cpu_allocator
 
 VOID = 255
@@ -287,10 +287,8 @@ def global_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: Optio
 def _predict(model: nn.Module, images: torch.Tensor, out_size, amp: str, device: torch.device,
              inference: Optional[Inference] = None, precision: str = "fp32") -> torch.Tensor:
     """Class ids ``[B, *out_size]``: the argmax of :func:`~transkd_fast.engine.inference.infer`'s
-    scores at ``out_size`` (``device`` is the images'; kept for callers), under
-    :func:`~transkd_fast.precision.inference_context` when ``precision`` is not fp32."""
-    with inference_context(precision, device) if precision != "fp32" else nullcontext():
-        return infer(model, images, inference, out_size=out_size, amp=amp).float().argmax(1)
+    scores at ``out_size`` and ``precision`` (``device`` is the images'; kept for callers)."""
+    return infer(model, images, inference, out_size=out_size, amp=amp, precision=precision).float().argmax(1)
 
 
 # The evaluation protocols of ``evaluate --protocol`` (see :func:`_evaluate_config`): for each,
@@ -356,8 +354,7 @@ def evaluate(model_or_cfg: Union[nn.Module, EvalConfig], loader=None, *, num_cla
             if len(batch) < 3:
                 conf.update(_predict(model, images, labels.shape[-2:], amp, device, inference, precision), labels)
                 continue
-            with inference_context(precision, device) if precision != "fp32" else nullcontext():
-                scores = infer(model, images, inference, out_size=images.shape[-2:], amp=amp).float()
+            scores = infer(model, images, inference, out_size=images.shape[-2:], amp=amp, precision=precision).float()
             for i, (h, w, lh, lw) in enumerate(batch[2].tolist()):
                 s = scores[i:i + 1, :, :h, :w]  # this image, its padding cut off
                 if (h, w) != (lh, lw):
