@@ -137,3 +137,57 @@ def test_cli_errors_are_one_line(tree, tmp_path, capsys):
     assert main(["predict", str(imgs), "--weights", str(weights), "--batch-size", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--batch-size must be ≥ 1" in err[0]
+
+
+def test_slide_and_tta_score_as_infer_does(tree, tmp_path):
+    """--inference slide / --tta: each image's ids are the argmax of infer()'s scores (the same
+    Inference evaluate uses), upsampled to the image's size; one crop covering the image = whole."""
+    from transkd_fast.engine.inference import Inference, infer
+
+    _, imgs, weights, model = tree
+    path = str(imgs / "a.png")
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    whole = tmp_path / "whole"
+    assert main(["predict", path, "--weights", str(weights), "--output-dir", str(whole), "--outputs", "ids",
+                 "--no-progress"]) == 0
+    one_crop = tmp_path / "one"  # a 96-pixel crop covers 48×80: slide equals whole (crops shrink to the image)
+    assert main(["predict", path, "--weights", str(weights), "--output-dir", str(one_crop), "--outputs", "ids",
+                 "--inference", "slide", "--slide-crop", "96", "--no-progress"]) == 0
+    assert np.array_equal(np.array(Image.open(whole / "a_ids.png")), np.array(Image.open(one_crop / "a_ids.png")))
+    for args, inference in ((["--inference", "slide", "--slide-crop", "32", "--slide-stride", "24"],
+                             Inference(mode="slide", crop=32, stride=24)),
+                            (["--tta", "--tta-scales", "0.75,1.25"], Inference(tta_scales=(0.75, 1.25)))):
+        out = tmp_path / args[1]
+        assert main(["predict", path, "--weights", str(weights), "--output-dir", str(out), "--outputs", "ids",
+                     "--no-progress", *args]) == 0
+        with torch.no_grad():
+            scores = infer(model, x, inference)[:, :19]
+        ref = F.interpolate(scores, size=img.shape[:2], mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+        ids = np.array(Image.open(out / "a_ids.png"))
+        assert (ids == ref).mean() >= 0.999, f"{args}: {(ids != ref).sum()} pixels differ from infer()"
+        assert (ids != np.array(Image.open(whole / "a_ids.png"))).any(), f"{args} gave the whole-image prediction"
+
+
+def test_bad_slide_flags_are_refused(tree, tmp_path, capsys):
+    _, imgs, weights, _ = tree
+    assert main(["predict", str(imgs), "--weights", str(weights), "--inference", "slide", "--slide-crop", "16",
+                 "--slide-stride", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--slide-stride (32) must be ≤ --slide-crop (16)" in err[0]
+    assert main(["predict", str(imgs), "--weights", str(weights), "--tta", "--tta-scales", "0,x",
+                 "--no-progress"]) == 2
+    assert "--tta-scales" in capsys.readouterr().err
+
+
+def test_nyuv2_and_scenes_class_names():
+    from transkd_fast.data.nyuv2 import NYUV2_CLASSES, NYUV2_PALETTE
+    from transkd_fast.data.synthetic import SCENE_CLASSES
+    from transkd_fast.predict import dataset_classes
+
+    names, pal = dataset_classes(40, "nyuv2")
+    assert tuple(names) == NYUV2_CLASSES and np.array_equal(pal, NYUV2_PALETTE)
+    assert tuple(dataset_classes(40)[0]) == NYUV2_CLASSES  # the one known 40-class dataset
+    assert tuple(dataset_classes(len(SCENE_CLASSES))[0]) == SCENE_CLASSES
+    with pytest.raises(ValueError, match="nyuv2 has 40 classes, the model predicts 19"):
+        dataset_classes(19, "nyuv2")

@@ -88,7 +88,24 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 | bf16: weights and activations in bfloat16, logits back in fp32 (default: fp32)")
+    p.add_argument("--inference", default="whole", choices=("whole", "slide"),
+                   help="whole (one forward per image) | slide (crops --slide-crop every --slide-stride, logits "
+                        "averaged) (default: whole)")
+    p.add_argument("--slide-crop", type=int, default=1024, help="slide: square crop size in pixels (default: 1024)")
+    p.add_argument("--slide-stride", type=int, default=None,
+                   help="slide: stride between crops in pixels (default: 768, or the crop if smaller)")
+    p.add_argument("--tta", action="store_true",
+                   help="multi-scale (--tta-scales) + horizontal flip test-time augmentation, probabilities averaged")
+    p.add_argument("--tta-scales", default="0.5,0.75,1.0,1.25,1.5,1.75", help="tta: comma-separated scales")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+
+
+def _inference(args: argparse.Namespace):
+    from transkd_fast.engine.inference import Inference, parse_scales
+
+    stride = args.slide_stride if args.slide_stride is not None else min(768, args.slide_crop)
+    return Inference(mode=args.inference, crop=args.slide_crop, stride=stride,
+                     tta_scales=parse_scales(args.tta_scales) if args.tta else None)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -96,6 +113,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from transkd_fast.predict import predict
 
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
+    inference = _inference(args)  # bad slide / TTA flags fail before the model loads
     apply_threads(args.threads)
     device = resolve_device(args.device)
     loaded = _load(args)
@@ -104,7 +122,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                   height=args.height if args.height is not None else loaded.height,
                   normalize=loaded.normalize if args.normalize is None else args.normalize,
                   dataset=args.dataset or loaded.dataset, device=device, progress=args.progress,
-                  precision=args.precision)
+                  precision=args.precision, inference=inference)
     print(f"predicted {res.images} images in {res.batches} batches: {len(res.files)} PNGs under {args.output_dir}")
     return 0
 

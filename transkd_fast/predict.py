@@ -16,7 +16,10 @@ the model was trained with ``--normalize``: read from a training checkpoint, els
 to ``--height`` if given (bilinear, aspect kept), logits upsampled bilinearly to the image's own
 size, argmax over the classes — a void output (the paper's 20-output recipe) is never predicted.
 Images of equal size are batched (``--batch-size``); sizes are not padded to share a batch, since
-padding changes what the model sees. ``--precision bf16`` runs the network in bfloat16
+padding changes what the model sees. ``--inference slide`` (``--slide-crop``, ``--slide-stride``)
+and ``--tta`` (``--tta-scales`` + flip) score each resized image as ``evaluate`` does
+(:func:`transkd_fast.engine.inference.infer`: logits, or mean softmax probabilities under TTA,
+then upsampled to the image's size). ``--precision bf16`` runs the network in bfloat16
 (:mod:`transkd_fast.precision`); its logits come back in fp32 before the upsampling and argmax.
 """
 
@@ -39,18 +42,22 @@ SUFFIX = {"color": "_color.png", "overlay": "_overlay.png", "ids": "_ids.png", "
 
 def _known() -> dict:
     from transkd_fast.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-    from transkd_fast.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
+    from transkd_fast.data.nyuv2 import NYUV2_CLASSES, NYUV2_PALETTE
+    from transkd_fast.data.synthetic import SCENE_CLASSES, SCENE_PALETTE, SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
     from transkd_fast.data.voc import VOC_CLASSES, VOC_PALETTE
 
     return {"synthetic": (SYNTHETIC_CLASSES, SYNTHETIC_PALETTE),
+            "scenes": (SCENE_CLASSES, SCENE_PALETTE),
             "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
             "acdc": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
-            "voc": (VOC_CLASSES, VOC_PALETTE)}
+            "voc": (VOC_CLASSES, VOC_PALETTE),
+            "nyuv2": (NYUV2_CLASSES, NYUV2_PALETTE)}
 
 
 def dataset_classes(num_classes: int, dataset: Optional[str] = None) -> tuple[Optional[Sequence[str]], np.ndarray]:
     """Class names and palette: ``dataset``'s, else those of the one known dataset with
-    ``num_classes`` classes (Cityscapes 19, VOC 21, synthetic 9), else (None, a bit palette)."""
+    ``num_classes`` classes (Cityscapes 19, VOC 21, NYUv2 40, synthetic textures 9, scenes 7), else
+    (None, a bit palette)."""
     known = _known()
     if dataset is not None:
         key = dataset.lower()
@@ -154,18 +161,21 @@ def _save_ids(ids: np.ndarray, path: str) -> None:
 def predict(model: torch.nn.Module, inputs: Sequence[str], output_dir: str, *, num_classes: Optional[int] = None,
             outputs: Sequence[str] = ("color", "ids"), overlay: bool = False, alpha: float = 0.5,
             batch_size: int = 4, height: Optional[int] = None, normalize: bool = False, dataset: Optional[str] = None,
-            device: Optional[torch.device] = None, progress: bool = True, precision: str = "fp32") -> PredictResult:
+            device: Optional[torch.device] = None, progress: bool = True, precision: str = "fp32",
+            inference=None) -> PredictResult:
     """Segment ``inputs`` (files, folders, globs) with ``model`` and write the PNGs (module doc).
 
     ``num_classes``: the outputs that are classes (default: all of the model's); the rest (the
     void output) are never predicted. ``precision="bf16"`` casts ``model`` to bf16 in place
     (:func:`transkd_fast.precision.prepare_for_inference`) and runs it in
-    :func:`~transkd_fast.precision.inference_context`.
+    :func:`~transkd_fast.precision.inference_context`. ``inference``: an
+    :class:`transkd_fast.engine.inference.Inference` (default: whole image, no TTA).
     """
     from transkd_fast.data.base import read_image
     from transkd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from transkd_fast.engine.inference import Inference, infer
     from transkd_fast.engine.viz import colorize
-    from transkd_fast.precision import check_precision, inference_context, prepare_for_inference
+    from transkd_fast.precision import check_precision, prepare_for_inference
 
     outputs = list(dict.fromkeys(outputs))
     bad = [o for o in outputs if o not in OUTPUT_KINDS]
@@ -186,6 +196,9 @@ def predict(model: torch.nn.Module, inputs: Sequence[str], output_dir: str, *, n
     if not outputs and not overlay:
         raise ValueError("nothing to write: give --outputs and/or --overlay")
     check_precision(precision)
+    inference = inference if inference is not None else Inference()
+    if not isinstance(inference, Inference):
+        raise TypeError(f"predict: inference must be an Inference, got {type(inference).__name__}")
     _, palette = dataset_classes(k, dataset)
     items = collect_inputs(inputs)
     groups = batches(items, batch_size, height)
@@ -214,11 +227,8 @@ def predict(model: torch.nn.Module, inputs: Sequence[str], output_dir: str, *, n
             x = torch.stack(net_in)
             if mean is not None:
                 x = (x - mean) / std
-            with inference_context(precision, device) if precision != "fp32" else torch.no_grad():
-                logits = model(x.to(device))
-            if isinstance(logits, (tuple, list)):
-                logits = logits[1] if len(logits) == 3 else logits[0]
-            logits = logits[:, :k].float()
+            with torch.no_grad():  # scores: logits (whole, slide) or mean probabilities (TTA)
+                logits = infer(model, x.to(device), inference, precision=precision)[:, :k]
             for j, i in enumerate(idx):
                 path, stem = items[i]
                 orig = originals[j]
