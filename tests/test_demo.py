@@ -89,7 +89,8 @@ def test_task_selection_keeps_the_old_default():
 
 
 TINY = dict(teacher="segformer_b0", height=32, width=32, teacher_train_size=8, train_size=4, val_size=2,
-            test_size=4, teacher_steps=2, student_steps=2, batch_size=2, step_bench=1, progress=False, threads=1)
+            test_size=4, teacher_steps=2, student_steps=2, batch_size=2, teacher_batch_size=2, step_bench=1,
+            progress=False, threads=1)
 
 
 def test_tiny_demo_writes_the_report_and_reuses_the_cached_teacher(tmp_path):
@@ -132,3 +133,20 @@ def test_tiny_demo_writes_the_report_and_reuses_the_cached_teacher(tmp_path):
 
     # Another teacher setting is another cache entry.
     assert demo.teacher_dir(demo.DemoConfig(output_dir=str(out), **{**TINY, "teacher_steps": 3})) != tdir
+
+
+def test_teacher_settings_are_checked_up_front(tmp_path):
+    from transkd_fast.engine import demo
+    from transkd_fast.engine.config import ConfigError
+
+    for bad, match in (({"teacher_label_scale": 2}, "--teacher-label-scale must be 1"),
+                       ({"teacher_batch_size": 0}, "--teacher-batch-size must be ≥ 1"),
+                       ({"student_steps": 0}, "--student-steps must be ≥ 1")):
+        with pytest.raises(ConfigError, match=match):
+            demo.run_demo(demo.DemoConfig(output_dir=str(tmp_path), **{**TINY, **bad}))
+    assert not any(tmp_path.iterdir()), "a refused demo must not start training"
+    key = demo.teacher_key(demo.DemoConfig(output_dir=str(tmp_path), **TINY))
+    assert key["batch_size"] == TINY["teacher_batch_size"] and key["label_scale"] == 1
+    # the teacher's batch and label scale are part of its cache key
+    other = demo.teacher_dir(demo.DemoConfig(output_dir=str(tmp_path), **{**TINY, "teacher_label_scale": 4}))
+    assert other != demo.teacher_dir(demo.DemoConfig(output_dir=str(tmp_path), **TINY))

@@ -1,8 +1,8 @@
 """``transkd-fast demo``: the paper's experiment in miniature, on a synthetic task.
 
-1. the **teacher** (SegFormer-B1 by default) stands in for the big pre-trained model the paper
-   distils from: it is larger than the student, trains longer and on more images
-   (``--teacher-train-size``) of the synthetic ``scenes`` task
+1. the **teacher** (a SegFormer-B0 by default, the student's size) stands in for the big
+   pre-trained model the paper distils from: it trains longer, with a larger batch, on far more
+   images (``--teacher-train-size``: 16000 against the students' 256) of the synthetic ``scenes`` task
    (:func:`transkd_fast.data.synthetic.render_scene`). Its training is **cached** in
    ``<cache-dir>/teacher-<model>-<hash>/`` (``<cache-dir>`` defaults to
    ``<output-dir>/cache``), the hash over every setting it depends on, so a rerun reuses it
@@ -41,25 +41,27 @@ from typing import Optional
 
 import torch
 
-from transkd_fast.engine.config import TrainConfig
+from transkd_fast.engine.config import ConfigError, TrainConfig
 
 
 @dataclass
 class DemoConfig:
     task: str = "scenes"
-    teacher: str = "segformer_b1"
+    teacher: str = "segformer_b0"
     student: str = "segformer_b0"
     methods: list = field(default_factory=lambda: ["transkd_base"])
     height: int = 64
     width: int = 64
-    teacher_train_size: int = 2048
+    teacher_train_size: int = 16000
     train_size: int = 256
     val_size: int = 32
     test_size: int = 128
-    teacher_steps: int = 800
+    teacher_steps: int = 1400
     student_steps: int = 300
     batch_size: int = 8
-    teacher_lr: float = 1e-3
+    teacher_batch_size: int = 32
+    teacher_label_scale: int = 1
+    teacher_lr: float = 6e-3
     lr: float = 2e-3
     teacher_seed: int = 0
     seeds: list = field(default_factory=lambda: [0])
@@ -76,8 +78,8 @@ class DemoConfig:
     quick: bool = False
 
 
-QUICK = dict(teacher="segformer_b0", teacher_train_size=1024, train_size=128, val_size=16, test_size=64,
-             teacher_steps=400, teacher_lr=2e-3, student_steps=50, step_bench=1)
+QUICK = dict(teacher_train_size=4096, train_size=128, val_size=16, test_size=64, teacher_steps=350,
+             student_steps=50, step_bench=1)
 
 HELP = {
     "task": "synthetic task: scenes (shapes x textures with clutter, occlusion; the demo's) | textures (the "
@@ -94,7 +96,10 @@ HELP = {
     "test_size": "held-out synthetic images for the final table",
     "teacher_steps": "teacher training steps",
     "student_steps": "steps of each student (KD and plain)",
-    "batch_size": "batch size of every run",
+    "batch_size": "batch size of the students",
+    "teacher_batch_size": "batch size of the teacher",
+    "teacher_label_scale": "labels the teacher trains on: 1 = full resolution (logits upsampled bilinearly; learns the "
+                           "shapes faster), 4 = on the 1/4 logits' grid (the paper's protocol, the students')",
     "teacher_lr": "AdamW learning rate of the teacher",
     "lr": "AdamW learning rate of the students (the paper's 6e-5 is for 100k+ steps; short runs need more)",
     "teacher_seed": "teacher seed (init, data order, augmentation)",
@@ -157,12 +162,12 @@ def _gflops(model: torch.nn.Module, h: int, w: int) -> tuple[dict, str]:
     return {"full": count.full / 1e9, "paper": count.paper / 1e9}, "transkd_fast.flops (fvcore + op handles)"
 
 
-def _train_cfg(cfg: DemoConfig, out: str, seed: int, steps: int, train_size: int, lr: float,
+def _train_cfg(cfg: DemoConfig, out: str, seed: int, steps: int, train_size: int, lr: float, batch_size: int,
                resume: Optional[str], overwrite: bool, **kw) -> TrainConfig:
     return TrainConfig(
         dataset="synthetic", synthetic_train_size=train_size, synthetic_val_size=cfg.val_size,
         synthetic_height=cfg.height, synthetic_width=cfg.width, data_seed=cfg.data_seed,
-        steps=steps, batch_size=cfg.batch_size, lr=lr, seed=seed, device=cfg.device, threads=cfg.threads,
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=cfg.device, threads=cfg.threads,
         output_dir=out, progress=cfg.progress,
         eval_every=max(1, steps // 5), ckpt_every=max(1, steps // 5), log_every=max(1, steps // 50),
         resume=resume, overwrite=overwrite, num_vis=4, **kw)
@@ -170,7 +175,8 @@ def _train_cfg(cfg: DemoConfig, out: str, seed: int, steps: int, train_size: int
 
 def _student_cfg(cfg: DemoConfig, name: str, seed: int, **kw) -> TrainConfig:
     return _train_cfg(cfg, os.path.join(cfg.output_dir, name), seed, cfg.student_steps, cfg.train_size, cfg.lr,
-                      "auto" if cfg.resume else None, cfg.overwrite and not cfg.resume, model=cfg.student, **kw)
+                      cfg.batch_size, "auto" if cfg.resume else None, cfg.overwrite and not cfg.resume,
+                      model=cfg.student, **kw)
 
 
 def teacher_key(cfg: DemoConfig) -> dict:
@@ -179,7 +185,8 @@ def teacher_key(cfg: DemoConfig) -> dict:
 
     return {"task": cfg.task, "task_version": TASK_VERSIONS[cfg.task], "model": cfg.teacher,
             "height": cfg.height, "width": cfg.width, "train_size": cfg.teacher_train_size, "val_size": cfg.val_size,
-            "steps": cfg.teacher_steps, "batch_size": cfg.batch_size, "lr": cfg.teacher_lr, "seed": cfg.teacher_seed,
+            "steps": cfg.teacher_steps, "batch_size": cfg.teacher_batch_size,
+            "label_scale": cfg.teacher_label_scale, "lr": cfg.teacher_lr, "seed": cfg.teacher_seed,
             "data_seed": cfg.data_seed, "device": trainer_device_type(cfg)}
 
 
@@ -289,11 +296,24 @@ def _pm(values: list, scale: float = 100.0) -> str:
     return f"{scale * values[0]:.2f}"
 
 
+def validate_demo_config(cfg: DemoConfig) -> None:
+    """Refuse the teacher's own settings up front (:class:`ConfigError` naming the demo's flag); the
+    rest is checked by each run's :func:`transkd_fast.engine.config.validate_train_config`."""
+    if cfg.teacher_label_scale not in (1, 4):
+        raise ConfigError(f"--teacher-label-scale must be 1 (full resolution) or 4 (the 1/4 logits' grid), got "
+                          f"{cfg.teacher_label_scale!r}")
+    for name in ("teacher_batch_size", "batch_size", "teacher_steps", "student_steps"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {v!r}")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from transkd_fast.data.synthetic import synthetic_task
 
     if not cfg.methods:
         raise ValueError("--methods: at least one distillation method")
+    validate_demo_config(cfg)
     with synthetic_task(cfg.task):
         return _run_demo(cfg)
 
@@ -339,7 +359,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
     tdir = teacher_dir(cfg)
     reused = _finished(tdir, cfg.teacher_steps) and not cfg.retrain_teacher
     teacher_cfg = _train_cfg(cfg, tdir, cfg.teacher_seed, cfg.teacher_steps, cfg.teacher_train_size, cfg.teacher_lr,
-                             None if cfg.retrain_teacher else "auto", cfg.retrain_teacher, model=cfg.teacher)
+                             cfg.teacher_batch_size, None if cfg.retrain_teacher else "auto", cfg.retrain_teacher,
+                             model=cfg.teacher, label_scale=cfg.teacher_label_scale)
     if reused:
         print(f"[1/{n_stages} teacher] reused from the cache: {tdir}", flush=True)
         teacher_w = os.path.join(tdir, "model.pt")
@@ -564,4 +585,4 @@ def run_demo_cli(args: argparse.Namespace) -> int:
 
 
 __all__ = ["DemoConfig", "QUICK", "add_demo_arguments", "run_demo", "run_demo_cli", "step_benchmark",
-           "teacher_dir", "teacher_key"]
+           "teacher_dir", "teacher_key", "validate_demo_config"]
