@@ -173,3 +173,6 @@ def test_eval_config_validates_inference_flags():
     assert inf.views == [(0.5, False), (0.5, True), (1.0, False), (1.0, True)]
     assert inf.describe()["tta"]["scales"] == [0.5, 1.0]
     assert Inference.from_config(EvalConfig()).tta_scales is None
+    # the stride's default follows a crop below mmseg's 768 instead of refusing it
+    assert Inference.from_config(EvalConfig(inference="slide", slide_crop=512)).stride == 512
+    assert Inference.from_config(EvalConfig(inference="slide")).stride == 768

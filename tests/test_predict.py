@@ -22,7 +22,9 @@ IMAGES = {"a.png": (48, 80), "b.jpg": (40, 60), os.path.join("sub", "c.png"): (3
 
 
 def _tiny_model(outputs: int) -> torch.nn.Module:
-    """A random SegFormer-B0 whose logits vary over the image (perturbed weights and BN stats)."""
+    """A random SegFormer-B0 whose logits vary over the image (perturbed weights and BN stats);
+    seeded, so that what earlier tests drew from the global generator cannot make it constant."""
+    torch.manual_seed(0)
     m = build_model("segformer_b0", num_classes=outputs, drop_path_rate=0.0, dropout=0.0).eval()
     with torch.no_grad():
         for p in m.parameters():

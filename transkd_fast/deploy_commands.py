@@ -101,9 +101,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _inference(args: argparse.Namespace):
-    from transkd_fast.engine.inference import Inference, parse_scales
+    from transkd_fast.engine.inference import Inference, default_stride, parse_scales
 
-    stride = args.slide_stride if args.slide_stride is not None else min(768, args.slide_crop)
+    stride = args.slide_stride if args.slide_stride is not None else default_stride(args.slide_crop)
     return Inference(mode=args.inference, crop=args.slide_crop, stride=stride,
                      tta_scales=parse_scales(args.tta_scales) if args.tta else None)
 

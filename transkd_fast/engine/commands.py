@@ -75,7 +75,7 @@ HELP = {
                 "full (logits upsampled to full-resolution labels)",
     "inference": "whole (one forward per image) | slide (crops --slide-crop every --slide-stride, logits averaged)",
     "slide_crop": "slide: square crop size in pixels",
-    "slide_stride": "slide: stride in pixels",
+    "slide_stride": "slide: stride in pixels (None: 768, or the crop when smaller)",
     "tta": "multi-scale (--tta-scales) + horizontal flip test-time augmentation, logits averaged",
     "tta_scales": "tta: comma-separated scales",
     "precision": "fp32 | bf16 (weights and activations in bfloat16, any device)",
@@ -208,7 +208,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if env_world()[0] == 0:
         how = ""
         if cfg.inference == "slide":
-            how += f", slide {cfg.slide_crop}/{cfg.slide_stride}"
+            from transkd_fast.engine.inference import default_stride
+
+            stride = cfg.slide_stride if cfg.slide_stride is not None else default_stride(cfg.slide_crop)
+            how += f", slide {cfg.slide_crop}/{stride}"
         if cfg.tta:
             how += f", TTA scales {cfg.tta_scales} + flip"
         for key, m in results.items():

@@ -120,7 +120,7 @@ class EvalConfig(DataConfig):
     protocol: str = "ours"                 # "ours" (--resolution) | "transkd" (the original's) | "full"
     inference: str = "whole"               # "whole" | "slide" (crops of --slide-crop every --slide-stride)
     slide_crop: int = 1024
-    slide_stride: int = 768
+    slide_stride: Optional[int] = None     # default: 768, or the crop when it is smaller
     tta: bool = False                      # multi-scale (--tta-scales) + horizontal flip, logits averaged
     tta_scales: str = "0.5,0.75,1.0,1.25,1.5,1.75"
     precision: str = "fp32"                # "fp32" | "bf16" (any device)

@@ -110,7 +110,8 @@ class Inference:
         """From an :class:`~transkd_fast.engine.config.EvalConfig` (``inference``, ``slide_crop``,
         ``slide_stride``, ``tta``, ``tta_scales``); the scales are checked even without ``--tta``."""
         scales = parse_scales(cfg.tta_scales)
-        return cls(mode=cfg.inference, crop=cfg.slide_crop, stride=cfg.slide_stride,
+        stride = cfg.slide_stride if cfg.slide_stride is not None else default_stride(cfg.slide_crop)
+        return cls(mode=cfg.inference, crop=cfg.slide_crop, stride=stride,
                    tta_scales=scales if cfg.tta else None)
 
     @property
@@ -129,6 +130,13 @@ class Inference:
             "scales": list(self.tta_scales), "flip": self.flip, "views": len(self.views),
             "average": "softmax probabilities"}
         return d
+
+
+def default_stride(crop) -> int:
+    """``--slide-stride``'s default: mmseg's 768, or the crop itself when it is smaller (a stride
+    above the crop would leave pixels uncovered). A non-integer crop is passed through for
+    :class:`Inference` to refuse."""
+    return min(768, crop) if isinstance(crop, int) and not isinstance(crop, bool) else crop
 
 
 def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
