@@ -88,32 +88,28 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 | bf16: weights and activations in bfloat16, logits back in fp32 (default: fp32)")
-    p.add_argument("--inference", default="whole", choices=("whole", "slide"),
-                   help="whole (one forward per image) | slide (crops --slide-crop every --slide-stride, logits "
-                        "averaged) (default: whole)")
-    p.add_argument("--slide-crop", type=int, default=1024, help="slide: square crop size in pixels (default: 1024)")
-    p.add_argument("--slide-stride", type=int, default=None,
-                   help="slide: stride between crops in pixels (default: 768, or the crop if smaller)")
-    p.add_argument("--tta", action="store_true",
-                   help="multi-scale (--tta-scales) + horizontal flip test-time augmentation, probabilities averaged")
-    p.add_argument("--tta-scales", default="0.5,0.75,1.0,1.25,1.5,1.75", help="tta: comma-separated scales")
+    # evaluate's inference flags, with its defaults and help (engine.config.EvalConfig, engine.commands.HELP)
+    from transkd_fast.engine.commands import HELP
+    from transkd_fast.engine.config import EvalConfig
+
+    d = EvalConfig()
+    p.add_argument("--inference", default=d.inference, choices=("whole", "slide"),
+                   help=f"{HELP['inference']} (default: {d.inference})")
+    p.add_argument("--slide-crop", type=int, default=d.slide_crop,
+                   help=f"{HELP['slide_crop']} (default: {d.slide_crop})")
+    p.add_argument("--slide-stride", type=int, default=d.slide_stride, help=HELP["slide_stride"])
+    p.add_argument("--tta", action="store_true", help=HELP["tta"])
+    p.add_argument("--tta-scales", default=d.tta_scales, help=f"{HELP['tta_scales']} (default: {d.tta_scales})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
 
 
-def _inference(args: argparse.Namespace):
-    from transkd_fast.engine.inference import Inference, default_stride, parse_scales
-
-    stride = args.slide_stride if args.slide_stride is not None else default_stride(args.slide_crop)
-    return Inference(mode=args.inference, crop=args.slide_crop, stride=stride,
-                     tta_scales=parse_scales(args.tta_scales) if args.tta else None)
-
-
 def _run_predict(args: argparse.Namespace) -> int:
+    from transkd_fast.engine.inference import Inference
     from transkd_fast.engine.trainer import apply_threads, resolve_device
     from transkd_fast.predict import predict
 
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
-    inference = _inference(args)  # bad slide / TTA flags fail before the model loads
+    inference = Inference.from_config(args)  # evaluate's flags, refused as there, before the model loads
     apply_threads(args.threads)
     device = resolve_device(args.device)
     loaded = _load(args)

@@ -227,8 +227,8 @@ def predict(model: torch.nn.Module, inputs: Sequence[str], output_dir: str, *, n
             x = torch.stack(net_in)
             if mean is not None:
                 x = (x - mean) / std
-            with torch.no_grad():  # scores: logits (whole, slide) or mean probabilities (TTA)
-                logits = infer(model, x.to(device), inference, precision=precision)[:, :k]
+            # scores (infer runs under no_grad): logits (whole, slide) or mean probabilities (TTA)
+            logits = infer(model, x.to(device), inference, precision=precision)[:, :k]
             for j, i in enumerate(idx):
                 path, stem = items[i]
                 orig = originals[j]

@@ -76,7 +76,7 @@ HELP = {
     "inference": "whole (one forward per image) | slide (crops --slide-crop every --slide-stride, logits averaged)",
     "slide_crop": "slide: square crop size in pixels",
     "slide_stride": "slide: stride in pixels (None: 768, or the crop when smaller)",
-    "tta": "multi-scale (--tta-scales) + horizontal flip test-time augmentation, logits averaged",
+    "tta": "multi-scale (--tta-scales) + horizontal flip test-time augmentation, softmax probabilities averaged",
     "tta_scales": "tta: comma-separated scales",
     "precision": "fp32 | bf16 (weights and activations in bfloat16, any device)",
     "grad_clip": "clip the gradient norm (default: no clipping)",
@@ -208,10 +208,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if env_world()[0] == 0:
         how = ""
         if cfg.inference == "slide":
-            from transkd_fast.engine.inference import default_stride
+            from transkd_fast.engine.inference import Inference
 
-            stride = cfg.slide_stride if cfg.slide_stride is not None else default_stride(cfg.slide_crop)
-            how += f", slide {cfg.slide_crop}/{stride}"
+            how += f", slide {cfg.slide_crop}/{Inference.from_config(cfg).stride}"
         if cfg.tta:
             how += f", TTA scales {cfg.tta_scales} + flip"
         for key, m in results.items():

@@ -107,10 +107,11 @@ class Inference:
 
     @classmethod
     def from_config(cls, cfg) -> "Inference":
-        """From an :class:`~transkd_fast.engine.config.EvalConfig` (``inference``, ``slide_crop``,
-        ``slide_stride``, ``tta``, ``tta_scales``); the scales are checked even without ``--tta``."""
+        """From an :class:`~transkd_fast.engine.config.EvalConfig`, or anything with its
+        ``inference``, ``slide_crop``, ``slide_stride`` (None: the default), ``tta``, ``tta_scales``
+        (``predict``'s parsed arguments); the scales are checked even without ``--tta``."""
         scales = parse_scales(cfg.tta_scales)
-        stride = cfg.slide_stride if cfg.slide_stride is not None else default_stride(cfg.slide_crop)
+        stride = cfg.slide_stride if cfg.slide_stride is not None else _default_stride(cfg.slide_crop)
         return cls(mode=cfg.inference, crop=cfg.slide_crop, stride=stride,
                    tta_scales=scales if cfg.tta else None)
 
@@ -132,7 +133,7 @@ class Inference:
         return d
 
 
-def default_stride(crop) -> int:
+def _default_stride(crop) -> int:
     """``--slide-stride``'s default: mmseg's 768, or the crop itself when it is smaller (a stride
     above the crop would leave pixels uncovered). A non-integer crop is passed through for
     :class:`Inference` to refuse."""
