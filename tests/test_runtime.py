@@ -85,3 +85,35 @@ def test_make_optimizer_is_fused_adamw():
         opt.step()
         ref.step()
     assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+_INFER_FAULTS = """
+    import resource, sys
+    import torch
+    from transkd_fast import runtime
+    from transkd_fast.models import build_model
+
+    if sys.argv[1] == "tuned":
+        assert runtime.tune_cpu_allocator() is True
+    torch.manual_seed(0)
+    model = build_model("segformer_b0", num_classes=5).eval()
+    x = torch.randn(1, 3, 512, 1024)  # the head's [1, 128·256, 256] fp32 maps: 32 MiB each
+    faults = []
+    with torch.inference_mode():
+        for _ in range(4):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            model(x)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(faults[-1])
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.skipif(PRELOADED_MALLOC, reason="another malloc is preloaded (LD_PRELOAD): glibc's heap is not used")
+def test_tuned_allocator_reuses_blocks_above_the_mmap_threshold():
+    # Blocks of 32 MiB and more are above the highest M_MMAP_THRESHOLD glibc accepts: only
+    # M_MMAP_MAX = 0 keeps them in the heap. Default: one fresh 32 MiB mmap per call (8192 pages).
+    default = int(_run(_INFER_FAULTS, "default"))
+    tuned = int(_run(_INFER_FAULTS, "tuned"))
+    assert default >= 8000, (default, tuned)
+    assert tuned * 10 < default, (default, tuned)

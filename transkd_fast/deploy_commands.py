@@ -107,11 +107,14 @@ def _run_predict(args: argparse.Namespace) -> int:
     from transkd_fast.engine.inference import Inference
     from transkd_fast.engine.trainer import apply_threads, resolve_device
     from transkd_fast.predict import predict
+    from transkd_fast.runtime import tune_cpu_allocator
 
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     inference = Inference.from_config(args)  # evaluate's flags, refused as there, before the model loads
     apply_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu":  # full-size inference buffers are reused, not faulted in per batch
+        tune_cpu_allocator()
     loaded = _load(args)
     res = predict(loaded.model.to(device), args.inputs, args.output_dir, num_classes=loaded.num_classes,
                   outputs=outputs, overlay=args.overlay, alpha=args.alpha, batch_size=args.batch_size,

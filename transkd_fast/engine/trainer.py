@@ -450,6 +450,8 @@ def _evaluate_config(cfg: EvalConfig) -> dict:
     inference = Inference.from_config(cfg)
     apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":  # full-size inference buffers are reused, not faulted in per image
+        tune_cpu_allocator()
     rank, world = init_distributed(device)
     check_precision(cfg.precision)
     if cfg.precision == "bf16" and cfg.amp == "fp16":
