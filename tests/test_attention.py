@@ -1,6 +1,7 @@
 """efficient_attention: Triton kernels vs a float64 reference, the torch and reference
-backends, the custom op, NaN propagation, autotune keys, refusals, and the launch-faithful
-compile check.
+backends, the custom op, the torch backend's CPU inference path (fp32 blocked oneDNN / bf16
+chunked, taken inside the op, MiT through it), NaN propagation, autotune keys, refusals, and the
+launch-faithful compile check.
 
 Tensors live on ``helpers.DEVICE``: the CPU (Triton's interpreter) by default, the GPU in CUDA
 test mode (``TRANSKD_TEST_DEVICE=cuda``), where the same assertions run the compiled kernels
@@ -494,3 +495,231 @@ def test_math_fallback_matches_reference():
     grads = ops._math_backward(do, q, k, v, out, lse, 0.3)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
         assert_close_rel(a, b, 1e-12, name)
+
+
+# ---------------------------------------------------------------------------------------
+# The torch backend's CPU inference path (ops._cpu_inference): fp32 blocked oneDNN matmuls,
+# bf16 chunked ATen matmuls; taken inside efficient_attention, never by models directly.
+
+_INFER_SIZES = [(Nq, Nkv) for Nq in (1, 7, 257, 1001) for Nkv in (1, 5, 49, 333)]
+_INFER_HEADS = [(1, 32), (2, 16), (5, 33), (2, 24)]  # (H, D)
+
+
+def _onednn_available():
+    from transkd_fast.ops import onednn
+
+    return onednn.AVAILABLE
+
+
+needs_onednn = pytest.mark.skipif(not _onednn_available(), reason="this PyTorch build has no oneDNN pointwise ops")
+
+
+def _spy_cpu_inference(monkeypatch):
+    """Count calls of ops._cpu_inference (efficient_attention looks it up at call time)."""
+    from transkd_fast.ops import attention as ops
+
+    calls, real = [], ops._cpu_inference
+    monkeypatch.setattr(ops, "_cpu_inference", lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+    return calls
+
+
+def _small_fp32_blocks(monkeypatch, rows=16):
+    """fp32 blocks of ``rows`` query rows, with no limit on their number (several blocks and a
+    partial last one at these sizes, the path still taken with several threads)."""
+    from transkd_fast.ops import attention as ops
+
+    monkeypatch.setattr(ops, "_ATTN_BLOCK_ELEMS", 0)
+    monkeypatch.setattr(ops, "_ATTN_MIN_ROWS", rows)
+    monkeypatch.setattr(ops, "ATTN_MAX_BLOCKS", 1 << 30)
+
+
+@needs_cpu
+@needs_onednn
+@pytest.mark.parametrize("H,D", _INFER_HEADS)
+@pytest.mark.parametrize("Nq,Nkv", _INFER_SIZES)
+def test_cpu_inference_fp32_matches_reference(Nq, Nkv, H, D, monkeypatch):
+    """fp32 blocked path through the op, on strided views as MiT passes them (q a view of
+    [B, Nq, H·D], k/v slices of [B, Nkv, 2, H, D]): the fp32 reference within 1e-5."""
+    _small_fp32_blocks(monkeypatch)
+    calls = _spy_cpu_inference(monkeypatch)
+    torch.manual_seed(1000 * Nq + 10 * Nkv + H)
+    q, k, v, _ = _linear_views(2, Nq, Nkv, H, D, requires_grad=False)
+    assert not k.is_contiguous() and not v.is_contiguous()  # slices of the fused kv output
+    scale = D ** -0.5
+    with torch.no_grad():
+        out = efficient_attention(q, k, v, scale)
+    assert calls == [torch.float32]
+    assert out.dtype == torch.float32 and out.shape == q.shape and out.is_contiguous()
+    torch.testing.assert_close(out, efficient_attention_reference(q, k, v, scale), atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu
+@pytest.mark.parametrize("H,D", _INFER_HEADS)
+@pytest.mark.parametrize("Nq,Nkv", _INFER_SIZES)
+def test_cpu_inference_bf16_matches_reference(Nq, Nkv, H, D, monkeypatch):
+    """bf16 chunked path through the op (several chunks of ≥ 64 rows where Nq allows): within 2×
+    of PyTorch's own eager bf16 attention's error against the fp64 reference."""
+    from transkd_fast.ops import attention as ops
+
+    monkeypatch.setattr(ops, "_BF16_CHUNK_SCORES", 64 * 7)
+    calls = _spy_cpu_inference(monkeypatch)
+    torch.manual_seed(1000 * Nq + 10 * Nkv + H + 1)
+    q, k, v, _ = _linear_views(2, Nq, Nkv, H, D, dtype=torch.bfloat16, requires_grad=False)
+    scale = D ** -0.5
+    with torch.no_grad():
+        out = efficient_attention(q, k, v, scale)
+    assert calls == [torch.bfloat16]
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and out.is_contiguous()
+    ref = efficient_attention_reference(q.double(), k.double(), v.double(), scale)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    theirs = (torch.softmax(qt @ kt.transpose(-1, -2) * scale, -1) @ vt).transpose(1, 2)  # eager bf16
+    assert_low_precision_ok(out, theirs, ref, "bf16 inference attention")
+
+
+@needs_cpu
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nkv", [1, 9, 40])
+@pytest.mark.parametrize("what", ["q_row", "scale", "k_row", "v_elem", "q_row_inf"])
+def test_cpu_inference_nan_like_the_reference(dtype, nkv, what, monkeypatch):
+    """NaN exactly where the reference has it: a row whose scores are all NaN (a NaN query row,
+    scale = nan) or all -inf is NaN (softmax of such a row is NaN), in a middle block too."""
+    _small_fp32_blocks(monkeypatch)
+    calls = _spy_cpu_inference(monkeypatch)
+    q, k, v, _ = _linear_views(1, 37, nkv, 2, 16, dtype=dtype, requires_grad=False)
+    q, k, v = (t.clone() for t in (q, k, v))
+    scale = None
+    if what == "q_row":
+        q[0, 21, 1, 3] = float("nan")  # block 2 of 3
+    elif what == "q_row_inf":  # scores of query 21, head 1 all -inf: every key has k[..., 0] > 0
+        k[..., 0] = k[..., 0].abs() + 1
+        q[0, 21, 1] = 0
+        q[0, 21, 1, 0] = float("-inf")
+    elif what == "k_row":
+        k[0, nkv // 2, 0, 7] = float("nan")
+    elif what == "v_elem":
+        v[0, nkv - 1, 1, 2] = float("nan")
+    else:
+        scale = float("nan")
+    with torch.no_grad():
+        out = efficient_attention(q, k, v, scale=scale)
+    assert calls == [dtype]
+    ref = efficient_attention_reference(q, k, v, scale)
+    assert ref.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan()), f"NaN at {out.isnan().sum()} places, reference {ref.isnan().sum()}"
+    fin = ~ref.isnan()
+    if fin.any() and dtype == torch.float32:
+        torch.testing.assert_close(out[fin], ref[fin], atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu
+@needs_onednn
+def test_cpu_inference_taken_only_without_autograd(monkeypatch):
+    """The op takes its CPU inference path exactly where the previous two paths applied: fp32
+    with autograd off (no_grad, inference_mode), bf16 without autograd recording; not with
+    autograd recording, not for other dtypes, not under the reference backend (global or per
+    call), not for fp32 under autocast(bf16) (custom op, as before), not while recording launches."""
+    from transkd_fast import use_backend
+    from transkd_fast.backend import recording_launches
+
+    calls = _spy_cpu_inference(monkeypatch)
+    q, k, v, _ = _linear_views(1, 50, 7, 2, 16, requires_grad=False)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+
+    def taken(*args, **kw):
+        before = len(calls)
+        efficient_attention(*args, **kw)
+        return len(calls) > before
+
+    with torch.no_grad():
+        assert taken(q, k, v) and taken(qb, kb, vb)
+        assert not taken(q.double(), k.double(), v.double())
+        assert not taken(q, k, v, backend="reference")
+        with use_backend("reference"):
+            assert not taken(q, k, v) and not taken(qb, kb, vb)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not taken(q, k, v)
+        with recording_launches():
+            assert not taken(q, k, v) and not taken(qb, kb, vb)
+    with torch.inference_mode():
+        assert taken(q, k, v) and taken(qb, kb, vb)
+    # autograd on: fp32 needs grad mode off (as the oneDNN path did); bf16 only no input
+    # requiring grad (as its chunked path did)
+    assert not taken(q, k, v) and taken(qb, kb, vb)
+    qg, qbg = q.detach().requires_grad_(), qb.detach().requires_grad_()
+    calls.clear()
+    for a, b, c in ((qg, k, v), (qbg, kb, vb)):
+        out = efficient_attention(a, b, c)
+        out.float().sum().backward()
+        assert a.grad is not None
+    assert calls == []
+    torch.testing.assert_close(efficient_attention(qg, k, v), efficient_attention_reference(q, k, v),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rows_fill_a_block_per_thread():
+    from transkd_fast.ops import attention as ops
+
+    assert ops.attention_rows(512, threads=1) == 512  # 2^18 scores
+    assert ops.attention_rows(512, threads=2) == 1024
+    assert ops.attention_rows(100000, threads=1) == 256  # never below 256 rows
+    assert ops.attention_rows(700, threads=1) == 368  # 374 rounded down to a multiple of 16
+
+
+@needs_cpu
+@needs_onednn
+def test_cpu_inference_fp32_up_to_a_bounded_number_of_blocks(monkeypatch):
+    """With several threads at most ATTN_MAX_BLOCKS fp32 blocks (batch and heads count), else
+    the custom op; with one thread any number; bf16 has no such limit."""
+    from transkd_fast.ops import attention as ops
+
+    monkeypatch.setattr(ops, "ATTN_MAX_BLOCKS", 4)
+    kv = torch.randn(2, 2048, 2, 3, 32)  # 2048 keys: 256 query rows per block (the minimum)
+
+    def applies(B, N, H, dtype=torch.float32):
+        k, v = kv[:B, :, 0, :H].to(dtype), kv[:B, :, 1, :H].to(dtype)
+        return ops._cpu_inference_applies("torch", torch.randn(B, N, H, 32).to(dtype), k, v)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert applies(1, 1024, 1)  # 4 blocks
+            assert not applies(1, 1025, 1)  # 5
+            assert not applies(2, 1024, 1)  # 8: batch counts
+            assert not applies(1, 1024, 2)  # 8: heads count
+            assert applies(2, 4096, 3, torch.bfloat16)
+            assert not ops._cpu_inference_applies("triton", *(torch.randn(1, 8, 1, 32),) * 3)
+            torch.set_num_threads(1)  # no barriers with one thread: any number of blocks
+            assert applies(2, 4096, 3)
+        assert not applies(1, 512, 1)  # autograd on
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_cpu
+@needs_onednn
+def test_mit_inference_goes_through_the_op_and_matches_reference(monkeypatch):
+    """SegFormer-B0 under inference_mode: every block's attention calls efficient_attention
+    (the name mit.py imports), which takes its CPU inference path; the output equals the
+    reference backend's within 1e-5. With autograd on, the custom op instead."""
+    import transkd_fast.models.mit as mit
+    from transkd_fast import use_backend
+    from transkd_fast.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("segformer_b0", num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 96)
+    blocks = sum(model.backbone.depths)
+    op_calls, real_op = [], mit.efficient_attention
+    monkeypatch.setattr(mit, "efficient_attention", lambda *a, **kw: op_calls.append(1) or real_op(*a, **kw))
+    calls = _spy_cpu_inference(monkeypatch)
+    with torch.inference_mode():
+        fast = model(x)
+    assert len(op_calls) == blocks and calls == [torch.float32] * blocks
+    with torch.inference_mode(), use_backend("reference"):
+        ref = model(x)
+    assert len(op_calls) == 2 * blocks and len(calls) == blocks  # not under the reference backend
+    model(x)  # autograd on: the custom op (it keeps the LSE for backward)
+    assert len(op_calls) == 3 * blocks and len(calls) == blocks
+    assert_close_rel(fast, ref, 1e-5, "MiT inference vs reference backend")

@@ -161,10 +161,8 @@ class EfficientSelfAttention(nn.Module):
         if self.sr_ratio > 1:
             x = self.norm(nchw_to_tokens(self.sr(tokens_to_nchw(x, H, W))))  # [B, Nkv, C]
         kv = _linear(self.kv, x, hooked).view(B, x.shape[1], 2, h, d)  # row: [k heads | v heads]
-        if onednn.attention_applies(q, kv):  # CPU inference: blocked oneDNN matmuls, no LSE kept
-            out = onednn.attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
-        else:
-            out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
+        # the op picks its path (on CPU without autograd: its inference path, no LSE kept)
+        out = efficient_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)
         # torch/triton backends return contiguous [B, N, h, d] (a free view); reference may copy.
         return _linear(self.proj, out.reshape(B, N, C), hooked, residual)
 

@@ -16,13 +16,26 @@ Backends:
   flash kernel for CPU; its backward runs one thread per (batch, head), so the backward cuts
   the query axis into chunks when there are fewer pairs than threads (MiT stage 1 has one
   head), and rows the kernel takes for fully masked (all-NaN scores with few keys) are set
-  to NaN as in the reference (:func:`_cpu_nan_rows`). bf16 on CPU without autograd
-  (inference, the teacher under bf16 autocast) takes :func:`_cpu_bf16_inference` instead,
-  plain ATen ops per query chunk: SDPA's CPU flash kernel is no faster in bf16 than in fp32
-  on CPUs without AMX, where oneDNN's bf16 GEMMs are. On CUDA: the kernel SDPA itself picks
-  (``torch._fused_sdp_choice``: flash, cuDNN or mem-efficient, as ``torch.backends.cuda``
-  allows), forward and backward, its LSE sliced to ``[B, H, Nq]``; where SDPA would fall back
-  to its math path (fp64), a materialized math path with the LSE.
+  to NaN as in the reference (:func:`_cpu_nan_rows`). CPU inference (no autograd recording,
+  plain tensors, not tracing / compiling / recording launches; :func:`_cpu_inference_applies`)
+  skips the custom op and keeps no LSE: :func:`_cpu_inference`, one path in two dtypes —
+
+  - fp32 (autograd off, oneDNN available, not under autocast): :func:`_cpu_fp32_blocked`, per
+    (batch, head) and block of query rows ``S = q_blk (scale·k)ᵀ``, in-place softmax,
+    ``O_blk = S v`` as two oneDNN matmuls, the block of S kept in cache; MiT's long query /
+    short key shapes run ~1.5–2.5× faster than SDPA's CPU flash kernel without AMX. With
+    several threads only up to :data:`ATTN_MAX_BLOCKS` blocks (each block's calls end in
+    barriers, slow on a loaded machine); beyond, the custom op.
+  - bf16 (a bf16 model, or the Linears' bf16 outputs under CPU autocast(bf16)):
+    :func:`_cpu_bf16_chunked`, ATen bf16 matmuls per chunk of query rows (softmax statistics
+    in fp32): SDPA's CPU flash kernel is no faster in bf16 than in fp32 on CPUs without AMX,
+    where oneDNN's bf16 GEMMs are.
+
+  Models call :func:`efficient_attention` only, so this choice is made in one place, under
+  the backend in force. On CUDA: the kernel SDPA itself picks (``torch._fused_sdp_choice``:
+  flash, cuDNN or mem-efficient, as ``torch.backends.cuda`` allows), forward and backward,
+  its LSE sliced to ``[B, H, Nq]``; where SDPA would fall back to its math path (fp64), a
+  materialized math path with the LSE.
 - ``triton``: the same custom op over our flash-style Triton kernels
   (``transkd_fast.kernels.attention``): online softmax forward saving O and the LSE, a
   Δ = rowsum(dO ∘ O) pass, dK/dV per key block (query axis split), dQ per query block.
@@ -41,7 +54,8 @@ from typing import Optional
 
 import torch
 
-from transkd_fast.backend import Support, check_tensor, on_input_device, register_op, resolve
+from transkd_fast.backend import Support, check_tensor, is_recording_launches, on_input_device, register_op, resolve
+from transkd_fast.ops import onednn
 
 OP = "efficient_attention"
 
@@ -179,13 +193,80 @@ def _cpu_nan_rows(q, k, out, lse, scale):
     return out, lse
 
 
-# Scores per query chunk of the CPU bf16 inference path: 2^20 bf16 values (2 MiB, about an L2).
+# ---------------------------------------------------------------------------------------
+# torch backend, CPU inference: no autograd recording, so no LSE to keep for a backward.
+
+# fp32: scores held at once per thread: 2^18 fp32 values (1 MiB, the L2 share of a core on this
+# project's machines), so a block of S = q kᵀ is written, softmaxed and read back in cache; but
+# never fewer than 256 query rows: below that the three calls per block cost more than the cache
+# saves (2048 keys, one thread: 128-row blocks 7% slower than 256-row ones).
+_ATTN_BLOCK_ELEMS = 1 << 18
+_ATTN_MIN_ROWS = 256
+
+
+# fp32, with several threads: at most this many blocks per call of :func:`_cpu_fp32_blocked`.
+# Each block is three parallel calls, and each parallel call ends in a barrier (OpenMP / oneDNN
+# split the work statically): on a shared machine every barrier can wait for a thread the kernel
+# has descheduled. With 2 threads on a loaded 2-core machine, MiT-B0 at 1024×2048 (~6000 blocked
+# calls) ran 4–6× slower than with the one-call flash kernel, while at 512×1024 (≤ 64 blocks per
+# call) the blocked path stayed ahead. One thread has no barriers: no limit. Over the limit the
+# call goes to the custom op (SDPA's CPU flash kernel, one call).
+ATTN_MAX_BLOCKS = 64
+
+
+def attention_rows(n_kv: int, threads: Optional[int] = None) -> int:
+    """Query rows per block of :func:`_cpu_fp32_blocked`: ~``_ATTN_BLOCK_ELEMS`` scores per
+    thread, at least ``_ATTN_MIN_ROWS``, a multiple of 16."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(_ATTN_MIN_ROWS, (_ATTN_BLOCK_ELEMS * threads // max(n_kv, 1)) // 16 * 16)
+
+
+def _cpu_fp32_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      rows: Optional[int] = None) -> torch.Tensor:
+    """fp32 attention in blocks of query rows with oneDNN matmuls; q ``[B, Nq, H, D]``, k/v
+    ``[B, Nkv, H, D]`` (strided views allowed) → contiguous ``[B, Nq, H, D]``.
+
+    Per (batch b, head h): kₛ = scale · k_bh (``[Nkv, D]``), v_bhᵀ (``[D, Nkv]``); per block of
+    ``rows`` queries (default :func:`attention_rows`)::
+
+        S = q_blk kₛᵀ              [rows, Nkv]   oneDNN matmul (mkldnn::_linear_pointwise)
+        S ← softmax(S, dim=-1)     in place: the block of S stays in cache
+        O_blk = S v_bh             [rows, D]     oneDNN matmul (weight v_bhᵀ), written into out
+
+    Same values as the reference up to rounding (the scale is applied to k instead of S); rows
+    whose scores are all NaN or -inf give NaN, as in the reference (softmax of such a row is NaN).
+
+    Why: the SegFormer shapes have long query sequences against short key sequences (MiT-B0
+    stage 1 at 512×1024: 32768 queries, 512 keys, one head of 32) where PyTorch's CPU flash
+    kernel without AMX ran at ~50 GFLOP/s and this at ~1.5–2.5× that on this project's CPUs.
+    """
+    B, N, H, D = q.shape
+    M = k.shape[1]
+    rows = attention_rows(M) if rows is None else rows
+    out = q.new_empty(B, N, H, D)
+    lin = torch.ops.mkldnn._linear_pointwise
+    for b in range(B):
+        for h in range(H):
+            ks = k[b, :, h] * scale  # [M, D], a fresh contiguous tensor
+            vt = v[b, :, h].t().contiguous()  # [D, M]
+            qh = q[b, :, h]
+            if not qh.is_contiguous():  # several heads: the head's columns gathered once
+                qh = qh.contiguous()
+            for i in range(0, N, rows):
+                s = lin(qh[i:i + rows], ks, None, "none", [], "")
+                torch.softmax(s, -1, out=s)
+                out[b, i:i + rows, h] = lin(s, vt, None, "none", [], "")
+    return out
+
+
+# bf16: scores per query chunk: 2^20 bf16 values (2 MiB, about an L2).
 _BF16_CHUNK_SCORES = 1 << 20
 
 
-def _cpu_bf16_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """bf16 attention on CPU without autograd; q ``[B, Nq, H, D]``, k/v ``[B, Nkv, H, D]`` bf16
-    (strided views allowed) → contiguous ``[B, Nq, H, D]`` bf16. Per chunk of query rows::
+def _cpu_bf16_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """bf16 attention in chunks of query rows with ATen matmuls; q ``[B, Nq, H, D]``, k/v
+    ``[B, Nkv, H, D]`` bf16 (strided views allowed) → contiguous ``[B, Nq, H, D]`` bf16. Per
+    chunk of query rows, all (batch, head) pairs in one batched matmul::
 
         S = q_c (scale · k)ᵀ       bf16 GEMM (fp32 accumulation), S rounded to bf16
         P = softmax(S)             max, exp and sum in fp32 (ATen's bf16 softmax), P rounded to bf16
@@ -195,6 +276,9 @@ def _cpu_bf16_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     about 5e-3 on random inputs, where SDPA's flash kernel (S kept in fp32) gives about 2e-3.
     Rows whose scores are all NaN or -inf give NaN, as in the reference. S is materialized one
     chunk at a time (:data:`_BF16_CHUNK_SCORES` values), never the whole [Nq, Nkv] map.
+
+    Why: SDPA's CPU flash kernel is no faster in bf16 than in fp32 on CPUs without AMX, where
+    oneDNN's bf16 GEMMs (behind ATen's bf16 matmul) are.
     """
     B, Nq, H, D = q.shape
     Nkv = k.shape[1]
@@ -209,13 +293,55 @@ def _cpu_bf16_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return out
 
 
-def _cpu_bf16_applies(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The torch backend on CPU bf16 tensors with no autograd recording, outside tracing,
-    scripting and compiling (where the custom op is the one node to record)."""
-    return (name == "torch" and q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+def _cpu_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   rows: Optional[int] = None) -> torch.Tensor:
+    """The torch backend's CPU inference path (where :func:`_cpu_inference_applies`):
+    fp32 → :func:`_cpu_fp32_blocked` (``rows`` query rows per block, default
+    :func:`attention_rows`), bf16 → :func:`_cpu_bf16_chunked`. Contiguous ``[B, Nq, H, D]``
+    in q's dtype; no LSE (nothing will run a backward)."""
+    if q.dtype == torch.float32:
+        return _cpu_fp32_blocked(q, k, v, scale, rows)
+    return _cpu_bf16_chunked(q, k, v, scale)
+
+
+def _within_block_limit(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """At most :data:`ATTN_MAX_BLOCKS` blocks of :func:`_cpu_fp32_blocked` with more than one
+    thread (any number with one)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return True
+    B, N, H, _ = q.shape
+    return B * H * -(-N // attention_rows(k.shape[1], threads)) <= ATTN_MAX_BLOCKS
+
+
+def _cpu_inference_applies(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`efficient_attention` takes :func:`_cpu_inference` instead of the custom op.
+
+    Always: the torch backend on CPU tensors, plain ones (not fake / functional), outside
+    tracing, scripting and compiling (where the custom op is the one node to record) and outside
+    :func:`transkd_fast.backend.recording_launches` (which models a GPU's launches). Then:
+
+    - fp32: autograd off and :func:`transkd_fast.ops.onednn.compute_dtype` fp32 for q (oneDNN
+      available; not under CPU autocast, which makes it bf16: the custom op then runs as before;
+      not under the global ``reference`` backend), and with several threads at most
+      :data:`ATTN_MAX_BLOCKS` blocks (else SDPA's flash kernel, one call).
+    - bf16 (cast weights, or the teacher under bf16 autocast, whose Linears give bf16 q/k/v):
+      no autograd recording (grad off, or no input requiring grad).
+    """
+    if not (name == "torch" and q.device.type == "cpu" and not is_recording_launches()
             and all(type(t) is torch.Tensor for t in (q, k, v))  # not fake / functional tensors
-            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()))
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())):
+        return False
+    if q.dtype == torch.float32:
+        return (not torch.is_grad_enabled() and onednn.compute_dtype(q) == torch.float32
+                and _within_block_limit(q, k))
+    if q.dtype == torch.bfloat16:
+        return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# torch backend: backward (the custom op's).
 
 
 def _cpu_query_chunks(B: int, H: int, Nq: int) -> int:
@@ -428,6 +554,6 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     name = resolve(OP, q, k, v, backend=backend)
     if name == "reference":
         return efficient_attention_reference(q, k, v, scale)
-    if _cpu_bf16_applies(name, q, k, v):
-        return _cpu_bf16_inference(q, k, v, scale)
+    if _cpu_inference_applies(name, q, k, v):  # CPU inference: no LSE kept
+        return _cpu_inference(q, k, v, scale)
     return _attention_op(q, k, v, scale, name)[0]

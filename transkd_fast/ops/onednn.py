@@ -8,6 +8,11 @@ Same math as the plain modules, fewer passes over memory and faster GEMMs:
 - :func:`dwconv_gelu` — ``GELU(conv2d(x, w, b, padding=1, groups=C))`` for a 3×3 depthwise conv
   on ``x [B, C, H, W]``; on the fast path one oneDNN convolution with GELU (erf) as a post-op.
 
+Attention is not here: its CPU inference path (fp32 blocked oneDNN matmuls, bf16 chunked ATen
+matmuls) lives inside the op, :func:`transkd_fast.ops.attention.efficient_attention` (torch
+backend), which calls ``mkldnn::_linear_pointwise`` itself and uses :func:`compute_dtype` and
+:data:`AVAILABLE` from here to decide; models call only that op.
+
 Why: ATen's fp32 ``addmm`` on CPU first copies the broadcast bias into the output and then
 runs an MKL GEMM over it (one extra write and read of the output), and on this project's
 machines (AMD EPYC, AVX-512, 2 cores) it ran the MiT-B2 Linear shapes at 67–165 GFLOP/s where
@@ -176,77 +181,3 @@ def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return torch.ops.mkldnn._convolution_pointwise(_cast(x, dt), _cast(weight, dt), _cast(bias, dt),
                                                        [1, 1], [1, 1], [1, 1], C, "gelu", [], "none")
     return F.gelu(F.conv2d(x, weight, bias, 1, 1, 1, C))
-
-
-# Scores held at once per thread: 2^18 fp32 values (1 MiB, the L2 share of a core on this
-# project's machines), so a block of S = q kᵀ is written, softmaxed and read back in cache; but
-# never fewer than 256 query rows: below that the three calls per block cost more than the cache
-# saves (2048 keys, one thread: 128-row blocks 7% slower than 256-row ones).
-_ATTN_BLOCK_ELEMS = 1 << 18
-_ATTN_MIN_ROWS = 256
-
-
-# With several threads, at most this many blocks per call of :func:`attention`. Each block is
-# three parallel calls, and each parallel call ends in a barrier (OpenMP / oneDNN split the work
-# statically): on a shared machine every barrier can wait for a thread the kernel has
-# descheduled. With 2 threads on a loaded 2-core machine, MiT-B0 at 1024×2048 (~6000 blocked
-# calls) ran 4–6× slower than with the one-call flash kernel, while at 512×1024 (≤ 64 blocks per
-# call) the blocked path stayed ahead. One thread has no barriers: no limit.
-ATTN_MAX_BLOCKS = 64
-
-
-def attention_rows(n_kv: int, threads: Optional[int] = None) -> int:
-    """Query rows per block of :func:`attention`: ~``_ATTN_BLOCK_ELEMS`` scores per thread, at
-    least ``_ATTN_MIN_ROWS``, a multiple of 16."""
-    threads = torch.get_num_threads() if threads is None else threads
-    return max(_ATTN_MIN_ROWS, (_ATTN_BLOCK_ELEMS * threads // max(n_kv, 1)) // 16 * 16)
-
-
-def attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether MiT's attention takes :func:`attention`: the inference fast path for ``q``
-    (:func:`fast_path`) in fp32 and, with more than one thread, at most :data:`ATTN_MAX_BLOCKS`
-    blocks (else PyTorch's flash kernel, one call). bf16 (cast weights or autocast) goes to
-    ``efficient_attention``, whose CPU bf16 path keeps the softmax statistics in fp32 and which
-    autocast sees."""
-    if not fast_path(q) or compute_dtype(q) != torch.float32:
-        return False
-    threads = torch.get_num_threads()
-    if threads == 1:
-        return True
-    B, N, H, _ = q.shape
-    rows = attention_rows(k.shape[1], threads)
-    return B * H * -(-N // rows) <= ATTN_MAX_BLOCKS
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              rows: Optional[int] = None) -> torch.Tensor:
-    """``softmax(scale · q kᵀ) v`` per batch and head, in blocks of query rows: ``[B, Nq, H, D]``.
-
-    q ``[B, Nq, H, D]``, k and v ``[B, Nkv, H, D]`` (the xformers layout, strided views of the
-    Linear outputs). Per (batch, head): kₛ = scale · k (``[Nkv, D]``), vᵀ (``[D, Nkv]``); per
-    block of ``rows`` queries, S = q kₛᵀ and O = softmax(S) v are two oneDNN matmuls with the
-    row softmax in place between them, the block of S staying in cache (:func:`attention_rows`).
-    The inference path (``fast_path(q)``): no LSE is kept. Same values as the reference up to
-    rounding (the scale is applied to k instead of S).
-
-    Why: the SegFormer shapes have long query sequences against short key sequences (MiT-B0
-    stage 1 at 512×1024: 32768 queries, 512 keys, one head of 32) where PyTorch's CPU flash
-    kernel without AMX ran at ~50 GFLOP/s and this at ~1.5–2.5× that on this project's CPUs.
-    """
-    B, N, H, D = q.shape
-    M = k.shape[1]
-    rows = attention_rows(M) if rows is None else rows
-    out = q.new_empty(B, N, H, D)
-    lin = torch.ops.mkldnn._linear_pointwise
-    for b in range(B):
-        for h in range(H):
-            ks = k[b, :, h] * scale  # [M, D], a fresh contiguous tensor
-            vt = v[b, :, h].t().contiguous()  # [D, M]
-            qh = q[b, :, h]
-            if not qh.is_contiguous():  # several heads: the head's columns gathered once
-                qh = qh.contiguous()
-            for i in range(0, N, rows):
-                s = lin(qh[i:i + rows], ks, None, "none", [], "")
-                torch.softmax(s, -1, out=s)
-                out[b, i:i + rows, h] = lin(s, vt, None, "none", [], "")
-    return out
