@@ -531,6 +531,7 @@ def _small_fp32_blocks(monkeypatch, rows=16):
     monkeypatch.setattr(ops, "_ATTN_BLOCK_ELEMS", 0)
     monkeypatch.setattr(ops, "_ATTN_MIN_ROWS", rows)
     monkeypatch.setattr(ops, "ATTN_MAX_BLOCKS", 1 << 30)
+    monkeypatch.setattr(ops, "FP32_BLOCKED", True)  # the path under test, on any CPU
 
 
 @needs_cpu
@@ -621,7 +622,9 @@ def test_cpu_inference_taken_only_without_autograd(monkeypatch):
     call), not for fp32 under autocast(bf16) (custom op, as before), not while recording launches."""
     from transkd_fast import use_backend
     from transkd_fast.backend import recording_launches
+    from transkd_fast.ops import attention as ops
 
+    monkeypatch.setattr(ops, "FP32_BLOCKED", True)
     calls = _spy_cpu_inference(monkeypatch)
     q, k, v, _ = _linear_views(1, 50, 7, 2, 16, requires_grad=False)
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
@@ -657,6 +660,27 @@ def test_cpu_inference_taken_only_without_autograd(monkeypatch):
                                atol=1e-5, rtol=1e-5)
 
 
+@needs_cpu
+@needs_onednn
+def test_cpu_fp32_blocked_only_where_it_is_the_faster(monkeypatch):
+    """fp32 inference takes the blocked path only on AVX-512 CPUs (FP32_BLOCKED, set from the
+    ISA PyTorch dispatches to); elsewhere the custom op (SDPA's flash kernel), same values. bf16
+    is not affected."""
+    from transkd_fast.ops import attention as ops
+
+    assert ops.FP32_BLOCKED == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    monkeypatch.setattr(ops, "FP32_BLOCKED", False)
+    calls = _spy_cpu_inference(monkeypatch)
+    torch.manual_seed(3)
+    q, k, v, _ = _linear_views(1, 300, 49, 2, 32, requires_grad=False)
+    with torch.inference_mode():
+        out = efficient_attention(q, k, v)
+        assert calls == []
+        efficient_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        assert calls == [torch.bfloat16]
+    torch.testing.assert_close(out, efficient_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 def test_attention_rows_fill_a_block_per_thread():
     from transkd_fast.ops import attention as ops
 
@@ -674,6 +698,7 @@ def test_cpu_inference_fp32_up_to_a_bounded_number_of_blocks(monkeypatch):
     from transkd_fast.ops import attention as ops
 
     monkeypatch.setattr(ops, "ATTN_MAX_BLOCKS", 4)
+    monkeypatch.setattr(ops, "FP32_BLOCKED", True)
     kv = torch.randn(2, 2048, 2, 3, 32)  # 2048 keys: 256 query rows per block (the minimum)
 
     def applies(B, N, H, dtype=torch.float32):
@@ -706,7 +731,9 @@ def test_mit_inference_goes_through_the_op_and_matches_reference(monkeypatch):
     import transkd_fast.models.mit as mit
     from transkd_fast import use_backend
     from transkd_fast.models import build_model
+    from transkd_fast.ops import attention as ops
 
+    monkeypatch.setattr(ops, "FP32_BLOCKED", True)
     torch.manual_seed(0)
     model = build_model("segformer_b0", num_classes=3).eval()
     x = torch.randn(1, 3, 64, 96)

@@ -23,7 +23,9 @@ Backends:
   - fp32 (autograd off, oneDNN available, not under autocast): :func:`_cpu_fp32_blocked`, per
     (batch, head) and block of query rows ``S = q_blk (scale·k)ᵀ``, in-place softmax,
     ``O_blk = S v`` as two oneDNN matmuls, the block of S kept in cache; MiT's long query /
-    short key shapes run ~1.5–2.5× faster than SDPA's CPU flash kernel without AMX. With
+    short key shapes run ~1.5–2.5× faster than SDPA's CPU flash kernel on AVX-512 CPUs, and
+    ~1.4–1.7× slower on an AVX2-only one, so only where PyTorch dispatches AVX-512 kernels
+    (:data:`FP32_BLOCKED`; elsewhere the custom op, SDPA's flash kernel). With
     several threads only up to :data:`ATTN_MAX_BLOCKS` blocks (each block's calls end in
     barriers, slow on a loaded machine); beyond, the custom op.
   - bf16 (a bf16 model, or the Linears' bf16 outputs under CPU autocast(bf16)):
@@ -214,6 +216,15 @@ _ATTN_MIN_ROWS = 256
 ATTN_MAX_BLOCKS = 64
 
 
+# fp32: whether the blocked path is the faster one on this CPU, by the vector ISA PyTorch's CPU
+# kernels dispatch to. Measured, 2 threads, MiT-B0 at 512×1024 (stage 1: 32768 queries, 512
+# keys, one head of 32): on the AVX-512 AMD EPYC the blocked oneDNN matmuls ran 1.5–2.5× faster
+# than SDPA's CPU flash kernel; on the AVX2-only AMD EPYC (Zen 3) the flash kernel was the faster,
+# 26.9 ms against 38.4 (stages 2 and 3: 14.3 / 21.7 and 9.3 / 15.6 ms), so there fp32 inference
+# takes the custom op (SDPA's flash kernel), with the same values up to rounding.
+FP32_BLOCKED = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def attention_rows(n_kv: int, threads: Optional[int] = None) -> int:
     """Query rows per block of :func:`_cpu_fp32_blocked`: ~``_ATTN_BLOCK_ELEMS`` scores per
     thread, at least ``_ATTN_MIN_ROWS``, a multiple of 16."""
@@ -321,7 +332,8 @@ def _cpu_inference_applies(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
     tracing, scripting and compiling (where the custom op is the one node to record) and outside
     :func:`transkd_fast.backend.recording_launches` (which models a GPU's launches). Then:
 
-    - fp32: autograd off and :func:`transkd_fast.ops.onednn.compute_dtype` fp32 for q (oneDNN
+    - fp32: on CPUs where the blocked path is the faster one (:data:`FP32_BLOCKED`: AVX-512),
+      autograd off and :func:`transkd_fast.ops.onednn.compute_dtype` fp32 for q (oneDNN
       available; not under CPU autocast, which makes it bf16: the custom op then runs as before;
       not under the global ``reference`` backend), and with several threads at most
       :data:`ATTN_MAX_BLOCKS` blocks (else SDPA's flash kernel, one call).
@@ -333,7 +345,7 @@ def _cpu_inference_applies(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
             and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())):
         return False
     if q.dtype == torch.float32:
-        return (not torch.is_grad_enabled() and onednn.compute_dtype(q) == torch.float32
+        return (FP32_BLOCKED and not torch.is_grad_enabled() and onednn.compute_dtype(q) == torch.float32
                 and _within_block_limit(q, k))
     if q.dtype == torch.bfloat16:
         return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
