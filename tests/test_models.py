@@ -144,6 +144,54 @@ def test_segformer_folded_head_matches_original_in_eval_and_train():
             assert_close_rel(grads[True][1][n], g, 1e-4, f"grad {n}")
 
 
+@pytest.mark.parametrize("tile_elems", [1, 3 * 24 * 64 + 1, 1 << 20])  # a row per tile; partial last tile; one tile
+@pytest.mark.parametrize("hw", [(48, 80), (93, 187), (64, 96)])
+def test_tiled_inference_head_matches_original(hw, tile_elems, monkeypatch):
+    """CPU inference runs the folded head in tiles of stage-1 rows (SegFormerHead._tiled_logits):
+    the original head's logits (unfolded, BN in eval) within 1e-5, at odd sizes (stage maps of
+    odd height and width, the bilinear weights computed as ATen does) and any tiling; taken only
+    under inference (not with autograd, in training, with a hook or under the reference backend)."""
+    from transkd_fast import use_backend
+    from transkd_fast.models import segformer
+
+    monkeypatch.setattr(segformer, "HEAD_TILE_ELEMS", tile_elems)
+    torch.manual_seed(hw[0])
+    model = build_model("segformer_b0", num_classes=7, decoder_dim=64).eval()
+    head = model.decode_head
+    with torch.no_grad():
+        bn = head.linear_fuse.bn
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    x = torch.randn(2, 3, *hw)
+    calls, real = [], segformer.SegFormerHead._tiled_logits
+    monkeypatch.setattr(segformer.SegFormerHead, "_tiled_logits", lambda self, f: calls.append(1) or real(self, f))
+    with torch.inference_mode():
+        tiled = model(x)
+        assert calls == [1]
+        head.fold = False
+        original = model(x)
+        head.fold = True
+        with use_backend("reference"):
+            reference = model(x)
+    assert calls == [1]  # neither unfolded nor under the reference backend
+    assert tiled.is_contiguous() and tiled.shape == original.shape
+    assert_close_rel(tiled, original, 1e-5, "tiled head vs original")
+    assert_close_rel(tiled, reference, 1e-5, "tiled head vs reference backend")
+    untiled = model(x).detach()  # autograd on: the untiled fold
+    assert calls == [1]
+    assert_close_rel(untiled, original, 1e-5, "untiled fold")
+    handle = head.linear_pred.register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("p_drop", [0.1, 0.0])
 def test_fused_head_tail_matches_modules(momentum, p_drop):
