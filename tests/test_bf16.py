@@ -211,8 +211,16 @@ def test_folded_head_bf16():
     unfolded = prepare_for_inference(copy.deepcopy(head), "bf16")
     folded = prepare_for_inference(copy.deepcopy(head), "bf16")
     folded.fold = True
-    with inference_context("bf16", "cpu"):
-        u, f = unfolded(feats), folded(feats)
+    from transkd_fast.models import segformer
+
+    tiled, real = [], segformer.SegFormerHead._tiled_logits
+    segformer.SegFormerHead._tiled_logits = lambda self, fs: tiled.append(1) or real(self, fs)
+    try:
+        with inference_context("bf16", "cpu"):
+            u, f = unfolded(feats), folded(feats)
+    finally:
+        segformer.SegFormerHead._tiled_logits = real
+    assert tiled == [1] or not onednn.BF16_AVAILABLE  # the tiled inference head, bf16 matmuls
     assert f.dtype == torch.float32
     assert rel_err(f, ref) <= 1e-2  # a few roundings: features, composed weights, sums
     # the fold (composed in fp32, rounded once) is no worse than the unfolded bf16 head
@@ -451,3 +459,34 @@ def test_cli_report_precision_bf16(capsys):
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "precision         bf16" in out and "images/s" in out
+
+
+def test_bf16_without_bf16_kernels_warns_once(monkeypatch):
+    """On a CPU for which oneDNN has no bf16 primitives, asking for bf16 (prepare_for_inference,
+    inference_context, --amp bf16) warns once per process that it is correct but slow; where it
+    has them, and on other devices, nothing is said."""
+    import warnings
+
+    from transkd_fast import precision
+    from transkd_fast.engine.trainer import autocast_context
+
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
+    monkeypatch.setattr(onednn, "BF16_AVAILABLE", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.warn_if_bf16_is_slow("cpu") is False
+        with inference_context("bf16", "cpu"):
+            pass
+    monkeypatch.setattr(onednn, "BF16_AVAILABLE", False)
+    assert precision.warn_if_bf16_is_slow("meta") is False
+    with pytest.warns(RuntimeWarning, match="without bf16 kernels.*Use fp32"):
+        prepare_for_inference(torch.nn.Linear(3, 2), "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        with inference_context("bf16", "cpu"):
+            pass
+        with autocast_context("bf16", torch.device("cpu")):
+            pass
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
+    with pytest.warns(RuntimeWarning, match="without bf16 kernels"):
+        autocast_context("bf16", torch.device("cpu"))

@@ -79,7 +79,7 @@ from transkd_fast.engine.inference import Inference, infer
 from transkd_fast.engine.metrics import ConfusionMatrix, json_safe
 from transkd_fast.engine.tb import close_tensorboard, open_tensorboard, require_tensorboard
 from transkd_fast.engine.viz import plot_curves, save_predictions
-from transkd_fast.precision import check_precision, prepare_for_inference
+from transkd_fast.precision import check_precision, prepare_for_inference, warn_if_bf16_is_slow
 from transkd_fast.runtime import tune_cpu_allocator
 
 VOID = 255
@@ -130,6 +130,8 @@ def autocast_context(amp: str, device: torch.device):
         raise ConfigError(f"--amp fp16 is CUDA-only; this run is on {device.type} (use --amp bf16 or none)")
     if device.type not in ("cuda", "cpu"):
         raise ConfigError(f"--amp {amp}: autocast runs on cuda or cpu here, not {device.type} (use --amp none)")
+    if amp == "bf16":
+        warn_if_bf16_is_slow(device)
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
