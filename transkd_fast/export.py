@@ -113,15 +113,17 @@ _HEAD_KEYS = ("decode_head.linear_pred.weight", "decode_head.conv_seg.weight")
 
 
 def _read(path: str):
+    """The checkpoint at ``path``, read as the engine reads one (``checkpoint._torch_load``); a
+    folder or an unreadable file is an :class:`ExportError` naming ``--weights``."""
+    from transkd_fast.engine.checkpoint import _torch_load
+    from transkd_fast.engine.config import ConfigError
+
     if os.path.isdir(path):
         raise ExportError(f"--weights {path} is a folder; give a checkpoint file (model.pt, last.pt, ...)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--weights not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"--weights {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {first})")
+        return _torch_load(path, "--weights")
+    except ConfigError as e:  # a truncated or foreign file
+        raise ExportError(f"--weights {e}") from e
 
 
 def _guess_name(state: Mapping) -> Optional[str]:
