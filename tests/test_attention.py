@@ -352,6 +352,29 @@ def test_opcheck_custom_op(backend, shape):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _poisoned(what, nkv, query, dtype=torch.float32):
+    """Fresh q, k, v ``[1, 37|nkv, 2, 16]`` (MiT-style views, cloned) and a scale, with one defect
+    ``what``: a NaN in query row ``query`` (head 1), that row's scores all -inf (``q_row_inf``:
+    every key has k[..., 0] > 0 and the query is -inf there, 0 elsewhere), a NaN key or value
+    element, or ``scale = nan``."""
+    q, k, v, _ = _linear_views(1, 37, nkv, 2, 16, dtype=dtype, requires_grad=False)
+    q, k, v = (t.clone() for t in (q, k, v))
+    scale = None
+    if what == "q_row":
+        q[0, query, 1, 3] = float("nan")
+    elif what == "q_row_inf":
+        k[..., 0] = k[..., 0].abs() + 1
+        q[0, query, 1] = 0
+        q[0, query, 1, 0] = float("-inf")
+    elif what == "k_row":
+        k[0, nkv // 2, 0, 7] = float("nan")
+    elif what == "v_elem":
+        v[0, nkv - 1, 1, 2] = float("nan")
+    else:
+        scale = float("nan")
+    return q, k, v, scale
+
+
 def _nan_masks(out, grads):
     return [t.isnan() for t in (out, *grads)]
 
@@ -363,17 +386,7 @@ def test_nan_propagates_like_the_reference(backend, nkv, what):
     """Issue #14 item 20: a NaN in one query row, ``scale = nan``, a NaN key or value: NaN
     exactly where the reference has it, in the output and in every gradient. (SDPA's CPU flash
     kernel used to give 0 for an all-NaN score row when Nkv < 16, its SIMD width.)"""
-    q, k, v, _ = _linear_views(1, 37, nkv, 2, 16, requires_grad=False)
-    q, k, v = (t.clone() for t in (q, k, v))
-    scale = None
-    if what == "q_row":
-        q[0, 5, 1, 3] = float("nan")
-    elif what == "k_row":
-        k[0, nkv // 2, 0, 7] = float("nan")
-    elif what == "v_elem":
-        v[0, nkv - 1, 1, 2] = float("nan")
-    else:
-        scale = float("nan")
+    q, k, v, scale = _poisoned(what, nkv, query=5)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     do = torch.randn(q.shape, device=DEVICE)
     out = efficient_attention(q, k, v, scale=scale, backend=backend)
@@ -587,21 +600,7 @@ def test_cpu_inference_nan_like_the_reference(dtype, nkv, what, monkeypatch):
     scale = nan) or all -inf is NaN (softmax of such a row is NaN), in a middle block too."""
     _small_fp32_blocks(monkeypatch)
     calls = _spy_cpu_inference(monkeypatch)
-    q, k, v, _ = _linear_views(1, 37, nkv, 2, 16, dtype=dtype, requires_grad=False)
-    q, k, v = (t.clone() for t in (q, k, v))
-    scale = None
-    if what == "q_row":
-        q[0, 21, 1, 3] = float("nan")  # block 2 of 3
-    elif what == "q_row_inf":  # scores of query 21, head 1 all -inf: every key has k[..., 0] > 0
-        k[..., 0] = k[..., 0].abs() + 1
-        q[0, 21, 1] = 0
-        q[0, 21, 1, 0] = float("-inf")
-    elif what == "k_row":
-        k[0, nkv // 2, 0, 7] = float("nan")
-    elif what == "v_elem":
-        v[0, nkv - 1, 1, 2] = float("nan")
-    else:
-        scale = float("nan")
+    q, k, v, scale = _poisoned(what, nkv, query=21, dtype=dtype)  # query 21: block 2 of 3
     with torch.no_grad():
         out = efficient_attention(q, k, v, scale=scale)
     assert calls == [dtype]
