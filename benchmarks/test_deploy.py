@@ -470,8 +470,9 @@ def _measured(setup: Setup, size) -> dict:
 def test_deploy(benchmark, deploy, size, runtime):
     if runtime in deploy.skipped:
         pytest.skip(f"{runtime}: {deploy.skipped[runtime]}")
-    if _emulated_bf16_skip(runtime, size):
-        pytest.skip(f"{runtime}: {_emulated_bf16_skip(runtime, size)}")
+    why = _emulated_bf16_skip(runtime, size)
+    if why:
+        pytest.skip(f"{runtime}: {why}")
     benchmark.group = f"deploy-segformer_b0-{size[0]}x{size[1]}"
     m = _measured(deploy, size)
     rt = deploy.runtimes[runtime]

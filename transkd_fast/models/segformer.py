@@ -248,7 +248,7 @@ class SegFormerHead(nn.Module):
                 b = wj @ proj.bias.to(dt)
                 bias = b if bias is None else bias + b
             bn = self.linear_fuse.bn
-            bn_folded = not bn.training and bn.track_running_stats and bn.running_var is not None
+            bn_folded = self._bn_folds()
             if bn_folded:
                 g = bn.weight.to(dt) * torch.rsqrt(bn.running_var.to(dt) + bn.eps)
                 weights = [w * g[:, None] for w in weights]
@@ -287,15 +287,19 @@ class SegFormerHead(nn.Module):
         # Not int(): under torch.export the sizes are symbolic, and int() would specialize them.
         return acc, bn_folded, (size[0], size[1])
 
+    def _bn_folds(self) -> bool:
+        """Whether the BatchNorm folds into the composed weights: eval mode with running stats."""
+        bn = self.linear_fuse.bn
+        return not bn.training and bn.track_running_stats and bn.running_var is not None
+
     def _tiled_applies(self, features: Sequence[torch.Tensor]) -> bool:
         """CPU inference with the fold: the oneDNN fast path for stage 1 (autograd off, fp32 or
         bf16, not tracing / compiling / the reference backend), channels_last stage features,
-        BatchNorm in eval with running stats (folded) and no active dropout."""
-        bn = self.linear_fuse.bn
+        the BatchNorm folded (:meth:`_bn_folds`) and no active dropout."""
         f1 = features[0]
-        return (onednn.fast_path(f1) and not bn.training and bn.track_running_stats
-                and bn.running_var is not None and not (self.dropout.training and isinstance(self.dropout, nn.Dropout2d)
-                                                        and self.dropout.p > 0)
+        drop = self.dropout
+        return (onednn.fast_path(f1) and self._bn_folds()
+                and not (drop.training and isinstance(drop, nn.Dropout2d) and drop.p > 0)
                 and all(f.device == f1.device and f.dim() == 4 for f in features)
                 and all(f.is_contiguous(memory_format=torch.channels_last) for f in features))
 

@@ -249,7 +249,8 @@ def _cpu_fp32_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     Why: the SegFormer shapes have long query sequences against short key sequences (MiT-B0
     stage 1 at 512×1024: 32768 queries, 512 keys, one head of 32) where PyTorch's CPU flash
-    kernel without AMX ran at ~50 GFLOP/s and this at ~1.5–2.5× that on this project's CPUs.
+    kernel ran at ~50 GFLOP/s on the AVX-512 AMD EPYC and this at ~1.5–2.5× that; on the
+    AVX2-only EPYC the flash kernel is the faster, hence :data:`FP32_BLOCKED`.
     """
     B, N, H, D = q.shape
     M = k.shape[1]
