@@ -576,6 +576,7 @@ def test_cpu_inference_bf16_matches_reference(Nq, Nkv, H, D, monkeypatch):
     from transkd_fast.ops import attention as ops
 
     monkeypatch.setattr(ops, "_BF16_CHUNK_SCORES", 64 * 7)
+    monkeypatch.setattr(ops, "BF16_CHUNKED", True)  # the path under test, on any CPU
     calls = _spy_cpu_inference(monkeypatch)
     torch.manual_seed(1000 * Nq + 10 * Nkv + H + 1)
     q, k, v, _ = _linear_views(2, Nq, Nkv, H, D, dtype=torch.bfloat16, requires_grad=False)
@@ -597,13 +598,19 @@ def test_cpu_inference_bf16_matches_reference(Nq, Nkv, H, D, monkeypatch):
 @pytest.mark.parametrize("what", ["q_row", "scale", "k_row", "v_elem", "q_row_inf"])
 def test_cpu_inference_nan_like_the_reference(dtype, nkv, what, monkeypatch):
     """NaN exactly where the reference has it: a row whose scores are all NaN (a NaN query row,
-    scale = nan) or all -inf is NaN (softmax of such a row is NaN), in a middle block too."""
+    scale = nan) or all -inf is NaN (softmax of such a row is NaN), in a middle block too. bf16
+    takes the path this CPU takes (the chunked one without AMX, else the custom op): on AMX,
+    oneDNN's bf16 matmul with an odd inner size reads one element past each row of A against B's
+    zero padding, so a NaN in row i+1 also makes row i NaN (P [37, 9] @ V [9, 16]: rows 20 and
+    21 for a NaN in row 21), which is why the chunked path is not taken there."""
+    from transkd_fast.ops import attention as ops
+
     _small_fp32_blocks(monkeypatch)
     calls = _spy_cpu_inference(monkeypatch)
     q, k, v, scale = _poisoned(what, nkv, query=21, dtype=dtype)  # query 21: block 2 of 3
     with torch.no_grad():
         out = efficient_attention(q, k, v, scale=scale)
-    assert calls == [dtype]
+    assert calls == ([dtype] if dtype == torch.float32 or ops.BF16_CHUNKED else [])
     ref = efficient_attention_reference(q, k, v, scale)
     assert ref.isnan().any()
     assert torch.equal(out.isnan(), ref.isnan()), f"NaN at {out.isnan().sum()} places, reference {ref.isnan().sum()}"
@@ -624,6 +631,7 @@ def test_cpu_inference_taken_only_without_autograd(monkeypatch):
     from transkd_fast.ops import attention as ops
 
     monkeypatch.setattr(ops, "FP32_BLOCKED", True)
+    monkeypatch.setattr(ops, "BF16_CHUNKED", True)
     calls = _spy_cpu_inference(monkeypatch)
     q, k, v, _ = _linear_views(1, 50, 7, 2, 16, requires_grad=False)
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
@@ -661,23 +669,37 @@ def test_cpu_inference_taken_only_without_autograd(monkeypatch):
 
 @needs_cpu
 @needs_onednn
-def test_cpu_fp32_blocked_only_where_it_is_the_faster(monkeypatch):
-    """fp32 inference takes the blocked path only on AVX-512 CPUs (FP32_BLOCKED, set from the
-    ISA PyTorch dispatches to); elsewhere the custom op (SDPA's flash kernel), same values. bf16
-    is not affected."""
+def test_cpu_inference_only_where_it_is_the_faster(monkeypatch):
+    """fp32 inference takes the blocked path only on AVX-512 CPUs without AMX (FP32_BLOCKED),
+    bf16 the chunked path only without AMX (BF16_CHUNKED); elsewhere the custom op (SDPA's
+    flash kernel), with the reference's values (fp32 within 1e-5, bf16 within 2× of eager
+    bf16 attention's error against fp64)."""
     from transkd_fast.ops import attention as ops
 
-    assert ops.FP32_BLOCKED == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    amx = bool(torch.cpu._is_amx_tile_supported())
+    assert ops.CPU_HAS_AMX == amx
+    assert ops.FP32_BLOCKED == (torch.backends.cpu.get_cpu_capability() == "AVX512" and not amx)
+    assert ops.BF16_CHUNKED == (not amx)
     monkeypatch.setattr(ops, "FP32_BLOCKED", False)
+    monkeypatch.setattr(ops, "BF16_CHUNKED", True)
     calls = _spy_cpu_inference(monkeypatch)
     torch.manual_seed(3)
     q, k, v, _ = _linear_views(1, 300, 49, 2, 32, requires_grad=False)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
     with torch.inference_mode():
         out = efficient_attention(q, k, v)
         assert calls == []
-        efficient_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        efficient_attention(qb, kb, vb)
         assert calls == [torch.bfloat16]
+        monkeypatch.setattr(ops, "BF16_CHUNKED", False)
+        out_b = efficient_attention(qb, kb, vb)
+        assert calls == [torch.bfloat16]  # the custom op this time
     torch.testing.assert_close(out, efficient_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+    ref = efficient_attention_reference(q.double(), k.double(), v.double())
+    qt, kt, vt = (t.transpose(1, 2) for t in (qb, kb, vb))
+    theirs = (torch.softmax(qt @ kt.transpose(-1, -2) * 32 ** -0.5, -1) @ vt).transpose(1, 2)
+    assert out_b.dtype == torch.bfloat16 and out_b.is_contiguous()
+    assert_low_precision_ok(out_b, theirs, ref, "bf16 inference attention, custom op")
 
 
 def test_attention_rows_fill_a_block_per_thread():
@@ -698,6 +720,7 @@ def test_cpu_inference_fp32_up_to_a_bounded_number_of_blocks(monkeypatch):
 
     monkeypatch.setattr(ops, "ATTN_MAX_BLOCKS", 4)
     monkeypatch.setattr(ops, "FP32_BLOCKED", True)
+    monkeypatch.setattr(ops, "BF16_CHUNKED", True)
     kv = torch.randn(2, 2048, 2, 3, 32)  # 2048 keys: 256 query rows per block (the minimum)
 
     def applies(B, N, H, dtype=torch.float32):

@@ -138,9 +138,14 @@ def test_inference_matmuls_run_in_bf16_prepared_model():
         # every block's Linears with fused residuals, the MixFFN conv + GELU, the head's Linears
         assert {"mkldnn._linear_pointwise.default", "mkldnn._linear_pointwise.binary",
                 "mkldnn._convolution_pointwise.default"} <= names
-    # CPU bf16 attention without autograd: the chunked bf16 GEMMs, not SDPA's flash kernel
-    assert not any("flash_attention" in n for n in names)
-    assert any(n == "aten.softmax.int" and dts == (BF16,) for n, dts, _ in rec.ops)
+    # CPU bf16 attention without autograd: the chunked bf16 GEMMs without AMX, SDPA's flash
+    # kernel (through the custom op) on bf16 operands with AMX (attention.BF16_CHUNKED)
+    flash = [dts for n, dts, _ in rec.ops if "flash_attention" in n or n.startswith("transkd_fast.efficient_attention")]
+    if attention.BF16_CHUNKED:
+        assert not flash
+        assert any(n == "aten.softmax.int" and dts == (BF16,) for n, dts, _ in rec.ops)
+    else:
+        assert flash and all(set(dts) == {BF16} for dts in flash), flash
 
 
 def test_inference_matmuls_run_in_bf16_under_autocast_fp32_weights():

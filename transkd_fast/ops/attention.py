@@ -23,15 +23,17 @@ Backends:
   - fp32 (autograd off, oneDNN available, not under autocast): :func:`_cpu_fp32_blocked`, per
     (batch, head) and block of query rows ``S = q_blk (scale·k)ᵀ``, in-place softmax,
     ``O_blk = S v`` as two oneDNN matmuls, the block of S kept in cache; MiT's long query /
-    short key shapes run ~1.5–2.5× faster than SDPA's CPU flash kernel on AVX-512 CPUs, and
-    ~1.4–1.7× slower on an AVX2-only one, so only where PyTorch dispatches AVX-512 kernels
-    (:data:`FP32_BLOCKED`; elsewhere the custom op, SDPA's flash kernel). With
+    short key shapes run ~1.5–2.5× faster than SDPA's CPU flash kernel on the AVX-512 EPYC
+    without AMX, and ~1.4–1.7× slower on an AVX2-only one and on an Intel Xeon with AMX, so
+    only on AVX-512 CPUs without AMX (:data:`FP32_BLOCKED`; elsewhere the custom op, SDPA's
+    flash kernel). With
     several threads only up to :data:`ATTN_MAX_BLOCKS` blocks (each block's calls end in
     barriers, slow on a loaded machine); beyond, the custom op.
   - bf16 (a bf16 model, or the Linears' bf16 outputs under CPU autocast(bf16)):
     :func:`_cpu_bf16_chunked`, ATen bf16 matmuls per chunk of query rows (softmax statistics
     in fp32): SDPA's CPU flash kernel is no faster in bf16 than in fp32 on CPUs without AMX,
-    where oneDNN's bf16 GEMMs are.
+    where oneDNN's bf16 GEMMs are. With AMX the flash kernel is ~1.6–2× faster than the chunked
+    path, so there bf16 takes the custom op too (:data:`BF16_CHUNKED`).
 
   Models call :func:`efficient_attention` only, so this choice is made in one place, under
   the backend in force. On CUDA: the kernel SDPA itself picks (``torch._fused_sdp_choice``:
@@ -216,13 +218,29 @@ _ATTN_MIN_ROWS = 256
 ATTN_MAX_BLOCKS = 64
 
 
+# Whether the CPU has AMX tiles. There PyTorch's CPU flash kernel (SDPA) is the faster one in
+# both dtypes (its bf16 GEMMs are AMX brgemm calls): measured on the 2-core Intel Xeon with AMX,
+# 2 threads, MiT-B0 shapes at 512×1024 (stage 1: 32768 queries, 512 keys, one head of 32), one
+# attention call: fp32 10.4 ms (flash) against 14.6 (blocked), bf16 5.1 against 8.3 (chunked);
+# stages 2–4 alike (fp32 5.5 / 7.3, 3.6 / 5.0, 1.6 / 2.8; bf16 2.5 / 4.5, 1.8 / 3.3, 0.7 / 1.4).
+CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 # fp32: whether the blocked path is the faster one on this CPU, by the vector ISA PyTorch's CPU
-# kernels dispatch to. Measured, 2 threads, MiT-B0 at 512×1024 (stage 1: 32768 queries, 512
-# keys, one head of 32): on the AVX-512 AMD EPYC the blocked oneDNN matmuls ran 1.5–2.5× faster
-# than SDPA's CPU flash kernel; on the AVX2-only AMD EPYC (Zen 3) the flash kernel was the faster,
-# 26.9 ms against 38.4 (stages 2 and 3: 14.3 / 21.7 and 9.3 / 15.6 ms), so there fp32 inference
-# takes the custom op (SDPA's flash kernel), with the same values up to rounding.
-FP32_BLOCKED = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# kernels dispatch to and AMX. Measured, 2 threads, MiT-B0 at 512×1024: on the AVX-512 AMD EPYC
+# (no AMX) the blocked oneDNN matmuls ran 1.5–2.5× faster than SDPA's CPU flash kernel; on the
+# AVX2-only AMD EPYC (Zen 3) the flash kernel was the faster, 26.9 ms against 38.4 (stages 2
+# and 3: 14.3 / 21.7 and 9.3 / 15.6 ms), and on the Intel Xeon with AMX too (above). Where
+# False, fp32 inference takes the custom op (SDPA's flash kernel), same values up to rounding.
+FP32_BLOCKED = torch.backends.cpu.get_cpu_capability() == "AVX512" and not CPU_HAS_AMX
+
+# bf16: whether the chunked path (:func:`_cpu_bf16_chunked`) is the faster one: on CPUs without
+# AMX (the AVX512-BF16 AMD EPYC), where SDPA's flash kernel is no faster in bf16 than in fp32.
+# With AMX, bf16 inference takes the custom op (SDPA's flash kernel: S kept in fp32, so a
+# smaller error than the chunked path's). The chunked path would also meet a oneDNN quirk there:
+# its AMX bf16 matmul with an odd inner size (P @ V with an odd number of keys) reads one element
+# past each row of P against B's zero padding, so a NaN row of P also makes the row before it NaN.
+BF16_CHUNKED = not CPU_HAS_AMX
 
 
 def attention_rows(n_kv: int, threads: Optional[int] = None) -> int:
@@ -250,7 +268,8 @@ def _cpu_fp32_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     Why: the SegFormer shapes have long query sequences against short key sequences (MiT-B0
     stage 1 at 512×1024: 32768 queries, 512 keys, one head of 32) where PyTorch's CPU flash
     kernel ran at ~50 GFLOP/s on the AVX-512 AMD EPYC and this at ~1.5–2.5× that; on the
-    AVX2-only EPYC the flash kernel is the faster, hence :data:`FP32_BLOCKED`.
+    AVX2-only EPYC and on the Intel Xeon with AMX the flash kernel is the faster, hence
+    :data:`FP32_BLOCKED`.
     """
     B, N, H, D = q.shape
     M = k.shape[1]
@@ -290,7 +309,8 @@ def _cpu_bf16_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     chunk at a time (:data:`_BF16_CHUNK_SCORES` values), never the whole [Nq, Nkv] map.
 
     Why: SDPA's CPU flash kernel is no faster in bf16 than in fp32 on CPUs without AMX, where
-    oneDNN's bf16 GEMMs (behind ATen's bf16 matmul) are.
+    oneDNN's bf16 GEMMs (behind ATen's bf16 matmul) are; with AMX it is the faster
+    (:data:`BF16_CHUNKED`).
     """
     B, Nq, H, D = q.shape
     Nkv = k.shape[1]
@@ -333,13 +353,15 @@ def _cpu_inference_applies(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
     tracing, scripting and compiling (where the custom op is the one node to record) and outside
     :func:`transkd_fast.backend.recording_launches` (which models a GPU's launches). Then:
 
-    - fp32: on CPUs where the blocked path is the faster one (:data:`FP32_BLOCKED`: AVX-512),
+    - fp32: on CPUs where the blocked path is the faster one (:data:`FP32_BLOCKED`: AVX-512
+      without AMX),
       autograd off and :func:`transkd_fast.ops.onednn.compute_dtype` fp32 for q (oneDNN
       available; not under CPU autocast, which makes it bf16: the custom op then runs as before;
       not under the global ``reference`` backend), and with several threads at most
       :data:`ATTN_MAX_BLOCKS` blocks (else SDPA's flash kernel, one call).
     - bf16 (cast weights, or the teacher under bf16 autocast, whose Linears give bf16 q/k/v):
-      no autograd recording (grad off, or no input requiring grad).
+      on CPUs without AMX (:data:`BF16_CHUNKED`), and no autograd recording (grad off, or no
+      input requiring grad).
     """
     if not (name == "torch" and q.device.type == "cpu" and not is_recording_launches()
             and all(type(t) is torch.Tensor for t in (q, k, v))  # not fake / functional tensors
@@ -349,7 +371,8 @@ def _cpu_inference_applies(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
         return (FP32_BLOCKED and not torch.is_grad_enabled() and onednn.compute_dtype(q) == torch.float32
                 and _within_block_limit(q, k))
     if q.dtype == torch.bfloat16:
-        return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        return BF16_CHUNKED and not (torch.is_grad_enabled()
+                                     and (q.requires_grad or k.requires_grad or v.requires_grad))
     return False
 
 
