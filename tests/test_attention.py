@@ -536,6 +536,12 @@ def _spy_cpu_inference(monkeypatch):
     return calls
 
 
+def _eager_attention(q, k, v, scale):
+    """PyTorch's own eager attention in q's dtype (matmul, softmax, matmul) on [B, N, H, D]."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    return (torch.softmax(qt @ kt.transpose(-1, -2) * scale, -1) @ vt).transpose(1, 2)
+
+
 def _small_fp32_blocks(monkeypatch, rows=16):
     """fp32 blocks of ``rows`` query rows, with no limit on their number (several blocks and a
     partial last one at these sizes, the path still taken with several threads)."""
@@ -586,9 +592,7 @@ def test_cpu_inference_bf16_matches_reference(Nq, Nkv, H, D, monkeypatch):
     assert calls == [torch.bfloat16]
     assert out.dtype == torch.bfloat16 and out.shape == q.shape and out.is_contiguous()
     ref = efficient_attention_reference(q.double(), k.double(), v.double(), scale)
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    theirs = (torch.softmax(qt @ kt.transpose(-1, -2) * scale, -1) @ vt).transpose(1, 2)  # eager bf16
-    assert_low_precision_ok(out, theirs, ref, "bf16 inference attention")
+    assert_low_precision_ok(out, _eager_attention(q, k, v, scale), ref, "bf16 inference attention")
 
 
 @needs_cpu
@@ -696,10 +700,9 @@ def test_cpu_inference_only_where_it_is_the_faster(monkeypatch):
         assert calls == [torch.bfloat16]  # the custom op this time
     torch.testing.assert_close(out, efficient_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
     ref = efficient_attention_reference(q.double(), k.double(), v.double())
-    qt, kt, vt = (t.transpose(1, 2) for t in (qb, kb, vb))
-    theirs = (torch.softmax(qt @ kt.transpose(-1, -2) * 32 ** -0.5, -1) @ vt).transpose(1, 2)
     assert out_b.dtype == torch.bfloat16 and out_b.is_contiguous()
-    assert_low_precision_ok(out_b, theirs, ref, "bf16 inference attention, custom op")
+    assert_low_precision_ok(out_b, _eager_attention(qb, kb, vb, 32 ** -0.5), ref,
+                            "bf16 inference attention, custom op")
 
 
 def test_attention_rows_fill_a_block_per_thread():

@@ -10,10 +10,11 @@ matmuls in bf16 too). What runs in bf16 for SegFormer / MiT, images ``[B, 3, H, 
   (:mod:`transkd_fast.ops.onednn`): bf16 products, fp32 accumulation, the output rounded to
   bf16 once (the residual add fused in before that rounding);
 - the patch-embedding and ``sr`` convs (ATen / oneDNN bf16 convolution, fp32 accumulation);
-- attention ``softmax(q kᵀ · D^-½) v`` (:mod:`transkd_fast.ops.attention`): on CPU the bf16
-  scores ``[Nq, Nkv]`` are formed one query chunk at a time by a bf16 GEMM, softmax takes its
-  max, exponentials and sum in fp32 and rounds P to bf16, and ``P v`` is a bf16 GEMM; on CUDA
-  SDPA's flash kernels (fp32 softmax statistics);
+- attention ``softmax(q kᵀ · D^-½) v`` (:mod:`transkd_fast.ops.attention`): on CPUs without
+  AMX the bf16 scores ``[Nq, Nkv]`` are formed one query chunk at a time by a bf16 GEMM, softmax
+  takes its max, exponentials and sum in fp32 and rounds P to bf16, and ``P v`` is a bf16 GEMM;
+  with AMX (``attention.BF16_CHUNKED`` false) and on CUDA, SDPA's flash kernels on the bf16
+  operands (scores and softmax statistics in fp32);
 - LayerNorm: mean and variance accumulated in fp32 (ATen's bf16 kernel), output bf16;
 - the decode head's bilinear upsampling and sums in bf16; its fold (per-stage composed Linears
   with BatchNorm folded in) is computed in fp32 from the bf16 weights and rounded once.

@@ -9,9 +9,10 @@ Same math as the plain modules, fewer passes over memory and faster GEMMs:
   on ``x [B, C, H, W]``; on the fast path one oneDNN convolution with GELU (erf) as a post-op.
 
 Attention is not here: its CPU inference path (fp32 blocked oneDNN matmuls, bf16 chunked ATen
-matmuls) lives inside the op, :func:`transkd_fast.ops.attention.efficient_attention` (torch
-backend), which calls ``mkldnn::_linear_pointwise`` itself and uses :func:`compute_dtype` and
-:data:`AVAILABLE` from here to decide; models call only that op.
+matmuls, each only on the CPUs where it beats SDPA's flash kernel) lives inside the op,
+:func:`transkd_fast.ops.attention.efficient_attention` (torch backend), which calls
+``mkldnn::_linear_pointwise`` itself and uses :func:`compute_dtype` and :data:`AVAILABLE` from
+here to decide; models call only that op.
 
 Why: ATen's fp32 ``addmm`` on CPU first copies the broadcast bias into the output and then
 runs an MKL GEMM over it (one extra write and read of the output), and on this project's
