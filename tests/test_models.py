@@ -146,14 +146,22 @@ def test_segformer_folded_head_matches_original_in_eval_and_train():
 
 @pytest.mark.parametrize("tile_elems", [1, 3 * 24 * 64 + 1, 1 << 20])  # a row per tile; partial last tile; one tile
 @pytest.mark.parametrize("hw", [(48, 80), (93, 187), (64, 96)])
-def test_tiled_inference_head_matches_original(hw, tile_elems, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["c-kernel", "aten"])
+def test_tiled_inference_head_matches_original(hw, tile_elems, fused, monkeypatch):
     """CPU inference runs the folded head in tiles of stage-1 rows (SegFormerHead._tiled_logits):
     the original head's logits (unfolded, BN in eval) within 1e-5, at odd sizes (stage maps of
     odd height and width, the bilinear weights computed as ATen does) and any tiling; taken only
-    under inference (not with autograd, in training, with a hook or under the reference backend)."""
+    under inference (not with autograd, in training, with a hook or under the reference backend).
+    Both routes of a tile's middle: the C kernel (upsample_add_relu) and the ATen ops
+    (``TRANSKD_FAST_CPU_KERNELS=0``), each checked to be the one that ran."""
     from transkd_fast import use_backend
     from transkd_fast.models import segformer
+    from transkd_fast.ops import upsample_add_relu as uar
 
+    monkeypatch.setenv("TRANSKD_FAST_CPU_KERNELS", "1" if fused else "0")
+    assert uar.kernel_available() == fused, "the C kernel must build here (a C compiler, as Triton needs)"
+    kernel_calls, real_kernel = [], uar.upsample_add_relu
+    monkeypatch.setattr(uar, "upsample_add_relu", lambda *a, **k: kernel_calls.append(1) or real_kernel(*a, **k))
     monkeypatch.setattr(segformer, "HEAD_TILE_ELEMS", tile_elems)
     torch.manual_seed(hw[0])
     model = build_model("segformer_b0", num_classes=7, decoder_dim=64).eval()
@@ -176,6 +184,7 @@ def test_tiled_inference_head_matches_original(hw, tile_elems, monkeypatch):
         with use_backend("reference"):
             reference = model(x)
     assert calls == [1]  # neither unfolded nor under the reference backend
+    assert bool(kernel_calls) == fused
     assert tiled.is_contiguous() and tiled.shape == original.shape
     assert_close_rel(tiled, original, 1e-5, "tiled head vs original")
     assert_close_rel(tiled, reference, 1e-5, "tiled head vs reference backend")

@@ -22,8 +22,10 @@ CPU inference (the oneDNN fast path: autograd off, eval BatchNorm folded, no act
 the folded head in tiles of stage-1 rows, end to end (:meth:`SegFormerHead._tiled_logits`): per
 tile the stage-1 Linear, the three upsampled terms, ReLU and ``linear_pred``, so the two
 ``[B, h_1·w_1, E]`` maps of the untiled fold (32 MiB each for B0 at 512×1024) are never written
-to memory; only the logits are. Same math up to rounding (the bilinear upsampling done as its two
-separable passes, in the same order as ATen's kernel).
+to memory; only the logits are. The middle of each tile (upsample the three deeper terms, add
+them to stage 1's, ReLU) is one C kernel, :func:`transkd_fast.ops.upsample_add_relu.upsample_add_relu`,
+where it builds (else ATen ops: width upsampling, a height matmul per term, ReLU). Same math up
+to rounding (the bilinear upsampling done as its two separable passes, as ATen's kernel does).
 A forward hook (or pre-hook) on any of the head's submodules, or a global module hook, makes
 the head run unfolded, calling each submodule, so that the hook fires (except while tracing:
 tracers hook every module, and what they record is the fold).
@@ -43,6 +45,7 @@ from torch import nn
 from transkd_fast.backend import autocast_enabled, hooks_registered
 from transkd_fast.models.mit import MIT_CONFIGS, MixVisionTransformer, mit, nchw_to_tokens, tokens_to_nchw
 from transkd_fast.ops import onednn
+from transkd_fast.ops import upsample_add_relu as uar
 
 DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
 
@@ -102,6 +105,24 @@ def _bilinear_rows(n_in: int, n_out: int) -> tuple[list, list, torch.Tensor]:
     R.index_put_((r, y0), 1 - l1, accumulate=True)
     R.index_put_((r, y1), l1, accumulate=True)
     return y0.tolist(), y1.tolist(), R
+
+
+def _tile_middle_aten(acc: torch.Tensor, terms: Sequence[tuple], r0: int, r1: int, W1: int) -> torch.Tensor:
+    """The ATen route of one tile's middle (where the C kernel does not build), fp32 ``[rows·W1, E]``:
+    ReLU(acc + Σ_i R_i[r0:r1, y_a:y_b] @ width-upsample(c_i[y_a:y_b])), ``acc`` the tile's
+    stage-1 term ``[rows·W1, E]``, each term ``(c_i [h_i, w_i, E], y0, y1, R_i)`` from
+    :func:`_bilinear_rows`; the upsampling is ATen's at unchanged height (an identity along it)."""
+    E = acc.shape[-1]
+    acc = acc.float().view(r1 - r0, W1 * E)
+    for c, y0, y1, R in terms:
+        ya, yb = y0[r0], y1[r1 - 1] + 1
+        src = c[ya:yb].float()  # [n, w, E]
+        if src.shape[1] != W1:
+            src = torch.ops.aten.upsample_bilinear2d(src.unsqueeze(0).permute(0, 3, 1, 2), [yb - ya, W1],
+                                                     False, None, None)
+            src = nchw_to_tokens(src)
+        acc.addmm_(R[r0:r1, ya:yb], src.reshape(yb - ya, W1 * E))
+    return acc.relu_().view(-1, E)
 
 
 class _HeadTail(torch.autograd.Function):
@@ -317,6 +338,9 @@ class SegFormerHead(nn.Module):
         R_i ``[h_1, h_i]`` holds the height weights of bilinear (align_corners=False) resizing,
         computed as ATen does (:func:`_bilinear_rows`); y_a…y_b are the source rows the tile
         reads. The width pass is ATen's own kernel at unchanged height (an identity along it).
+        Where the C kernel builds (:func:`transkd_fast.ops.upsample_add_relu.kernel_available`)
+        the three terms, the sum and the ReLU are its one pass over the tile instead, in place in
+        acc (same math: the width pass once per source row, then the height pass per pixel).
         The two matmuls run in the compute dtype (bf16 for a bf16 model or under autocast(bf16)),
         the sum and ReLU in fp32.
         """
@@ -328,31 +352,28 @@ class SegFormerHead(nn.Module):
         wp = self.linear_pred.weight.flatten(1).to(dt)
         bp = self.linear_pred.bias.to(dt)
         weights, bias = [w.to(dt) for w in weights], bias.to(dt)
+        fused = uar.kernel_available()
         with torch.autocast("cpu", enabled=False):  # dtypes are explicit here
             terms = []
             for i in (3, 2, 1):
                 f = features[i].to(dt)
                 h, w = f.shape[-2:]
                 c = onednn.linear(nchw_to_tokens(f), weights[i], bias if i == 3 else None).view(B, h, w, E)
-                y0, y1, R = _bilinear_rows(h, H1)
-                terms.append((c, y0, y1, R))
+                terms.append((c,) if fused else (c, *_bilinear_rows(h, H1)))
             out = f1.new_empty(B, K, H1, W1, dtype=dt)
             tokens1 = nchw_to_tokens(f1).to(dt)
             rows = max(1, HEAD_TILE_ELEMS // (W1 * E))
             for b in range(B):
+                srcs = [c[b:b + 1] for c, *_ in terms]
                 for r0 in range(0, H1, rows):
                     r1 = min(H1, r0 + rows)
-                    acc = onednn.linear(tokens1[b, r0 * W1:r1 * W1], weights[0]).float().view(r1 - r0, W1 * E)
-                    for c, y0, y1, R in terms:
-                        ya, yb = y0[r0], y1[r1 - 1] + 1
-                        src = c[b, ya:yb].float()  # [n, w, E]
-                        if src.shape[1] != W1:
-                            src = torch.ops.aten.upsample_bilinear2d(
-                                src.unsqueeze(0).permute(0, 3, 1, 2), [yb - ya, W1], False, None, None)
-                            src = nchw_to_tokens(src)
-                        acc.addmm_(R[r0:r1, ya:yb], src.reshape(yb - ya, W1 * E))
-                    acc.relu_()
-                    tile = onednn.linear(acc.view(-1, E).to(dt), wp, bp)  # [rows·w_1, K]
+                    acc = onednn.linear(tokens1[b, r0 * W1:r1 * W1], weights[0])
+                    if fused:
+                        acc = acc.view(1, r1 - r0, W1, E)
+                        z = uar.upsample_add_relu(acc, srcs, (H1, W1), r0, out=acc)
+                    else:
+                        z = _tile_middle_aten(acc, [(c[b], *t) for c, *t in terms], r0, r1, W1).to(dt)
+                    tile = onednn.linear(z.view(-1, E), wp, bp)  # [rows·w_1, K]
                     out[b, :, r0:r1].copy_(tile.view(r1 - r0, W1, K).permute(2, 0, 1))
         return out
 
