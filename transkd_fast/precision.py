@@ -15,9 +15,12 @@ matmuls in bf16 too). What runs in bf16 for SegFormer / MiT, images ``[B, 3, H, 
   takes its max, exponentials and sum in fp32 and rounds P to bf16, and ``P v`` is a bf16 GEMM;
   with AMX (``attention.BF16_CHUNKED`` false) and on CUDA, SDPA's flash kernels on the bf16
   operands (scores and softmax statistics in fp32);
-- LayerNorm: mean and variance accumulated in fp32 (ATen's bf16 kernel), output bf16;
-- the decode head's bilinear upsampling and sums in bf16; its fold (per-stage composed Linears
-  with BatchNorm folded in) is computed in fp32 from the bf16 weights and rounded once.
+- LayerNorm: mean and variance accumulated in fp32, output bf16 (on CPU inference MiT's C kernel,
+  :mod:`transkd_fast.ops.layer_norm`, elsewhere ATen's bf16 kernel);
+- the decode head's fold (per-stage composed Linears with BatchNorm folded in) computed in fp32
+  from the bf16 weights and rounded once; on CPU inference (the tiled head) its bilinear
+  upsampling, sum and ReLU in fp32 from the bf16 terms, rounded once before the classifier (the
+  C kernel :mod:`transkd_fast.ops.upsample_add_relu`, or ATen ops), elsewhere in bf16.
 
 The logits ``[B, K, ⌈H/4⌉, ⌈W/4⌉]`` come back in fp32 (bf16 values: 8 bits of mantissa, a
 relative error per element of about 2^-9 ≈ 2e-3 per rounding; against fp32 the B0 logits differ
